@@ -1,0 +1,1 @@
+"""Pure core of the agent: frames, decoding, preprocessing, verdicts, features."""
