@@ -1,0 +1,258 @@
+"""The data path as overlapped stages joined by bounded queues.
+
+    source -> [decode + preprocess] x N -> inference -> caller
+
+The source is iterated on a feeder thread; decoding and preprocessing run on
+``decode_workers`` threads (OpenCV releases the GIL); inference runs on one thread
+(ONNX Runtime and LiteRT release the GIL), so on two cores decoding frame n+1 overlaps
+inferring frame n. Results come out in frame order.
+
+A live source (``drop_oldest=True``) never waits for the pipeline: when the input queue
+is full, the oldest waiting frame is dropped and counted. Other sources (files, replay)
+wait instead, and nothing is dropped.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+import typing
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+
+from edge_agent.core.decode import ImageError
+from edge_agent.core.frame import Frame
+from edge_agent.core.preprocess import Image, Tensor
+from edge_agent.core.verdict import Verdict, error_verdict
+from edge_agent.inspect import Inspector
+
+_POLL_S = 0.05
+_T = typing.TypeVar("_T")
+
+
+@dataclass(frozen=True, slots=True)
+class Inspection:
+    """A frame and its verdict; ``fitted`` is the model-size image (None on error)."""
+
+    frame: Frame
+    verdict: Verdict
+    fitted: Image | None
+
+
+@dataclass(slots=True)
+class PipelineCounters:
+    frames_in: int = 0
+    dropped: int = 0
+    inspected: int = 0
+    errors: int = 0
+
+
+@dataclass(slots=True)
+class _Prepared:
+    seq: int
+    frame: Frame
+    started: float
+    fitted: Image | None = None
+    tensor: Tensor | None = None
+    error: str | None = None
+
+
+@dataclass(slots=True)
+class _Done:
+    """End-of-stream marker; carries a stage's crash, if any, to the caller."""
+
+    failure: BaseException | None = None
+    extra: list[BaseException] = field(default_factory=list)
+
+
+class Pipeline:
+    """Run frames through an inspector with overlapped stages.
+
+    ``run`` may be called once per Pipeline. ``stop`` (from any thread, e.g. a SIGTERM
+    handler) stops reading the source; frames already read are still inspected and
+    yielded, so nothing taken from the source is lost.
+    """
+
+    def __init__(
+        self,
+        inspector: Inspector,
+        *,
+        decode_workers: int = 1,
+        queue_size: int = 8,
+        drop_oldest: bool = False,
+    ) -> None:
+        if decode_workers < 1:
+            raise ValueError("decode_workers must be >= 1")
+        if queue_size < 1:
+            raise ValueError("queue_size must be >= 1")
+        self.inspector = inspector
+        self.decode_workers = decode_workers
+        self.drop_oldest = drop_oldest
+        self.counters = PipelineCounters()
+        self._q_in: queue.Queue[tuple[int, Frame] | _Done] = queue.Queue(queue_size)
+        self._q_mid: queue.Queue[_Prepared | _Done] = queue.Queue(queue_size)
+        self._q_out: queue.Queue[tuple[int, Inspection] | _Done] = queue.Queue(queue_size * 4)
+        self._stop = threading.Event()
+        self._abort = threading.Event()
+        self._lock = threading.Lock()
+        self._dropped_seqs: set[int] = set()
+
+    def stop(self) -> None:
+        """Stop taking frames from the source; in-flight frames are still finished."""
+        self._stop.set()
+
+    def run(self, frames: Iterable[Frame]) -> Iterator[Inspection]:
+        threads = [threading.Thread(target=self._feed, args=(frames,), name="feeder", daemon=True)]
+        threads += [
+            threading.Thread(target=self._prepare_loop, name=f"decode-{i}", daemon=True)
+            for i in range(self.decode_workers)
+        ]
+        threads.append(threading.Thread(target=self._infer_loop, name="inference", daemon=True))
+        for t in threads:
+            t.start()
+        try:
+            yield from self._ordered()
+        finally:
+            # Reached on normal end, on a crash, or when the caller stops iterating.
+            self._stop.set()
+            self._abort.set()
+            for t in threads:
+                t.join(timeout=5.0)
+
+    # -- stages -------------------------------------------------------------------------
+
+    def _feed(self, frames: Iterable[Frame]) -> None:
+        failure: BaseException | None = None
+        try:
+            for seq, frame in enumerate(frames):
+                self.counters.frames_in += 1
+                if self.drop_oldest:
+                    self._put_dropping_oldest((seq, frame))
+                elif not self._put(self._q_in, (seq, frame)):
+                    return
+                if self._stop.is_set():
+                    break
+        except BaseException as e:  # noqa: BLE001 - carried to the caller's thread, re-raised
+            failure = e
+        for _ in range(self.decode_workers):
+            self._put(self._q_in, _Done(failure))
+
+    def _prepare_loop(self) -> None:
+        inspector = self.inspector
+        pre = inspector.preprocessor
+        while True:
+            item = self._get(self._q_in)
+            if item is None:
+                return
+            if isinstance(item, _Done):
+                self._put(self._q_mid, item)
+                return
+            seq, frame = item
+            prepared = _Prepared(seq, frame, time.perf_counter())
+            try:
+                image = inspector.decode(frame.data) if frame.data is not None else frame.image
+                assert image is not None
+                prepared.fitted = pre.fit(image)
+                prepared.tensor = pre.to_tensor(prepared.fitted)
+            except ImageError as e:
+                prepared.error = e.reason
+            except BaseException as e:  # noqa: BLE001 - carried to the caller's thread, re-raised
+                self._put(self._q_mid, _Done(e))
+                return
+            if not self._put(self._q_mid, prepared):
+                return
+
+    def _infer_loop(self) -> None:
+        inspector = self.inspector
+        done = 0
+        failures: list[BaseException] = []
+        while done < self.decode_workers:
+            item = self._get(self._q_mid)
+            if item is None:
+                return
+            if isinstance(item, _Done):
+                done += 1
+                if item.failure is not None:
+                    failures.append(item.failure)
+                continue
+            fid = item.frame.frame_id
+            try:
+                if item.tensor is None:
+                    verdict = error_verdict(fid, item.error or "unknown error", 0.0)
+                else:
+                    verdict = inspector.run_tensor(item.tensor, fid, item.started)
+            except BaseException as e:  # noqa: BLE001 - carried to the caller's thread, re-raised
+                failures.append(e)
+                break
+            if not self._put(self._q_out, (item.seq, Inspection(item.frame, verdict, item.fitted))):
+                return
+        first = failures[0] if failures else None
+        self._put(self._q_out, _Done(first, failures[1:]))
+
+    def _ordered(self) -> Iterator[Inspection]:
+        pending: dict[int, Inspection] = {}
+        next_seq = 0
+        while True:
+            item = self._q_out.get()
+            if isinstance(item, _Done):
+                if item.failure is not None:
+                    raise item.failure
+                for seq in sorted(pending):
+                    yield self._count(pending.pop(seq))
+                return
+            seq, inspection = item
+            pending[seq] = inspection
+            while True:
+                if next_seq in pending:
+                    yield self._count(pending.pop(next_seq))
+                elif not self._was_dropped(next_seq):
+                    break
+                next_seq += 1
+
+    # -- queue helpers ------------------------------------------------------------------
+
+    def _count(self, inspection: Inspection) -> Inspection:
+        self.counters.inspected += 1
+        if inspection.verdict.error is not None:
+            self.counters.errors += 1
+        return inspection
+
+    def _put(self, q: queue.Queue[_T], item: _T) -> bool:
+        while not self._abort.is_set():
+            try:
+                q.put(item, timeout=_POLL_S)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _get(self, q: queue.Queue[_T]) -> _T | None:
+        while not self._abort.is_set():
+            try:
+                return q.get(timeout=_POLL_S)
+            except queue.Empty:
+                continue
+        return None
+
+    def _put_dropping_oldest(self, item: tuple[int, Frame]) -> None:
+        with self._lock:
+            while True:
+                try:
+                    self._q_in.put_nowait(item)
+                    return
+                except queue.Full:
+                    try:
+                        oldest = self._q_in.get_nowait()
+                    except queue.Empty:
+                        continue
+                    if isinstance(oldest, tuple):
+                        self._dropped_seqs.add(oldest[0])
+                        self.counters.dropped += 1
+
+    def _was_dropped(self, seq: int) -> bool:
+        with self._lock:
+            if seq in self._dropped_seqs:
+                self._dropped_seqs.discard(seq)
+                return True
+            return False
