@@ -1,0 +1,267 @@
+"""Agent configuration (one TOML file) and firmware profiles.
+
+Config enters once: ``service.py`` calls ``load_config`` and hands plain values to the
+libraries. Unknown keys are errors everywhere, and every error names the file and the
+key (``agent.toml: [source] unknown key 'ulr'``). Relative paths in the file are
+resolved against the file's directory.
+
+A firmware profile (``firmware_profiles/NAME.toml``) describes a device class: which
+runtime and execution providers to prefer, thread counts, memory budget, evidence quota
+and camera defaults. Profile values are defaults that the agent config may override.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on Python 3.10 devices only
+    import tomli as tomllib
+
+DEFAULT_CONFIG = Path("/etc/edge-agent/agent.toml")
+SOURCE_SCHEMES = ("camera", "folder", "replay", "synthetic")
+_PACKAGE_PROFILES = Path(__file__).resolve().parent.parent / "firmware_profiles"
+
+
+class ConfigError(Exception):
+    """The config or a profile is invalid; the message names the file and every bad key."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# -- firmware profiles ------------------------------------------------------------------
+
+
+class ProfileEvidence(_Strict):
+    quota_mb: Annotated[int, Field(ge=0)]
+
+
+class ProfileCamera(_Strict):
+    width: Annotated[int, Field(ge=16)]
+    height: Annotated[int, Field(ge=16)]
+    fps: Annotated[float, Field(gt=0)]
+    fourcc: Annotated[str, Field(min_length=4, max_length=4)] = "MJPG"
+
+
+class FirmwareProfile(_Strict):
+    name: Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9._-]*$")]
+    description: str = ""
+    arch: Literal["aarch64", "armv7l", "x86_64"]
+    cores: Annotated[int, Field(ge=1)]
+    memory_mb: Annotated[int, Field(ge=64)]
+    runtimes: Annotated[list[Literal["onnx", "tflite"]], Field(min_length=1)]
+    providers: Annotated[list[str], Field(min_length=1)]
+    threads: Annotated[int, Field(ge=1)]
+    decode_workers: Annotated[int, Field(ge=1)] = 1
+    memory_budget_mb: Annotated[int, Field(ge=16)]
+    evidence: ProfileEvidence
+    camera: ProfileCamera
+
+
+# -- agent config -----------------------------------------------------------------------
+
+
+class DeviceSection(_Strict):
+    id: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
+    profile: str = "x86-generic"
+    site: str = ""
+    group: str = ""
+
+
+class SourceSection(_Strict):
+    """``url`` picks the source: ``camera:TARGET``, ``folder:DIR``, ``replay:PATH`` or
+    ``synthetic:``. The other keys apply to the kinds named in their comments."""
+
+    url: str
+    # camera (defaults from the profile's [camera])
+    width: Annotated[int, Field(ge=16)] | None = None
+    height: Annotated[int, Field(ge=16)] | None = None
+    fps: Annotated[float, Field(gt=0)] | None = None
+    fourcc: Annotated[str, Field(min_length=4, max_length=4)] | None = None
+    # folder
+    settle_s: Annotated[float, Field(ge=0)] = 0.5
+    # replay
+    realtime: bool = False
+    loop: bool = False
+    # synthetic
+    seed: int = 1
+    defect_rate: Annotated[float, Field(ge=0, le=1)] = 0.1
+    brightness: Annotated[float, Field(gt=0)] = 1.0
+    variant: str = "a"
+    size: Annotated[str, Field(pattern=r"^[0-9]+x[0-9]+$")] = "1280x960"
+    count: Annotated[int, Field(ge=1)] | None = None
+
+    @model_validator(mode="after")
+    def _known_scheme(self) -> SourceSection:
+        scheme, sep, target = self.url.partition(":")
+        if not sep or scheme not in SOURCE_SCHEMES:
+            raise ValueError(
+                f"url must start with one of {', '.join(s + ':' for s in SOURCE_SCHEMES)}; "
+                f"got {self.url!r}"
+            )
+        if scheme != "synthetic" and not target:
+            raise ValueError(f"{scheme}: needs a target, e.g. {scheme}:/path")
+        return self
+
+    @property
+    def scheme(self) -> str:
+        return self.url.partition(":")[0]
+
+    @property
+    def target(self) -> str:
+        return self.url.partition(":")[2]
+
+
+class ModelSection(_Strict):
+    bundle: Path
+
+
+class RuntimeSection(_Strict):
+    """Defaults come from the firmware profile."""
+
+    threads: Annotated[int, Field(ge=1)] | None = None
+    providers: list[str] | None = None
+    decode_workers: Annotated[int, Field(ge=1)] | None = None
+    queue_size: Annotated[int, Field(ge=1, le=1024)] = 8
+
+
+class ThresholdsSection(_Strict):
+    """Override the bundle's decision thresholds on this device."""
+
+    t_fail: Annotated[float, Field(gt=0, le=1)] | None = None
+    t_uncertain: Annotated[float, Field(ge=0, le=1)] | None = None
+
+
+class StorageSection(_Strict):
+    state_dir: Path = Path("/var/lib/edge-agent")
+    results_max_age_days: Annotated[float, Field(gt=0)] = 30.0
+    results_max_rows: Annotated[int, Field(ge=1000)] = 1_000_000
+    evidence_quota_mb: Annotated[int, Field(ge=0)] | None = None  # default: profile
+    evidence_pass_every: Annotated[int, Field(ge=0)] = 100
+    evidence_jpeg_quality: Annotated[int, Field(ge=10, le=100)] = 90
+
+    @property
+    def results_db(self) -> Path:
+        return self.state_dir / "results.db"
+
+    @property
+    def evidence_dir(self) -> Path:
+        return self.state_dir / "evidence"
+
+
+class LogSection(_Strict):
+    format: Literal["auto", "json", "text"] = "auto"
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    summary_interval_s: Annotated[float, Field(gt=0)] = 10.0
+
+
+class AgentConfig(_Strict):
+    device: DeviceSection
+    source: SourceSection
+    model: ModelSection
+    runtime: RuntimeSection = RuntimeSection()
+    thresholds: ThresholdsSection = ThresholdsSection()
+    storage: StorageSection = StorageSection()
+    log: LogSection = LogSection()
+
+
+def load_config(path: Path) -> AgentConfig:
+    """Read and validate the agent config at ``path``.
+
+    Raises:
+        ConfigError: unreadable file, bad TOML, unknown or invalid keys (all named).
+    """
+    raw = _read_toml(path)
+    base = path.resolve().parent
+    for section_name, key in (("model", "bundle"), ("storage", "state_dir")):
+        section = raw.get(section_name)
+        if isinstance(section, dict):
+            value = section.get(key)
+            if isinstance(value, str) and not os.path.isabs(value):
+                section[key] = str(base / value)
+    source = raw.get("source")
+    if isinstance(source, dict) and isinstance(source.get("url"), str):
+        scheme, sep, target = source["url"].partition(":")
+        if sep and scheme in ("folder", "replay") and target and not os.path.isabs(target):
+            source["url"] = f"{scheme}:{base / target}"
+    try:
+        return AgentConfig.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(f"{path}: {describe_errors(e)}") from e
+
+
+def profile_search_path() -> list[Path]:
+    """Where profiles are looked up by name, in order."""
+    paths = []
+    env = os.environ.get("EDGE_AGENT_PROFILES")
+    if env:
+        paths += [Path(p) for p in env.split(os.pathsep) if p]
+    paths += [Path("/etc/edge-agent/profiles"), _PACKAGE_PROFILES]
+    return paths
+
+
+def load_profile(name_or_path: str, search: list[Path] | None = None) -> FirmwareProfile:
+    """Load a firmware profile by name (searched in ``search``) or by file path.
+
+    Raises:
+        ConfigError: not found (lists where it looked), bad TOML or invalid keys.
+    """
+    candidate = Path(name_or_path)
+    if candidate.suffix == ".toml" or os.sep in name_or_path:
+        path = candidate
+        if not path.is_file():
+            raise ConfigError(f"firmware profile file {path} not found")
+    else:
+        dirs = search if search is not None else profile_search_path()
+        found = [d / f"{name_or_path}.toml" for d in dirs if (d / f"{name_or_path}.toml").is_file()]
+        if not found:
+            where = ", ".join(str(d) for d in dirs)
+            raise ConfigError(f"firmware profile {name_or_path!r} not found in {where}")
+        path = found[0]
+    raw = _read_toml(path)
+    try:
+        return FirmwareProfile.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(f"{path}: {describe_errors(e)}") from e
+
+
+def _read_toml(path: Path) -> dict[str, object]:
+    try:
+        with path.open("rb") as f:
+            data: dict[str, object] = tomllib.load(f)
+            return data
+    except FileNotFoundError as e:
+        raise ConfigError(f"{path}: no such file") from e
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read: {e.strerror}") from e
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from e
+
+
+def describe_errors(error: ValidationError) -> str:
+    """One message naming every bad key as ``[section] key``."""
+    parts = []
+    for item in error.errors():
+        loc = [str(p) for p in item["loc"]]
+        if len(loc) >= 2:
+            where = f"[{loc[0]}] {'.'.join(loc[1:])}"
+        elif loc:
+            where = f"[{loc[0]}]" if item["type"] != "extra_forbidden" else loc[0]
+        else:
+            where = "(top level)"
+        if item["type"] == "extra_forbidden":
+            parts.append(f"unknown key {where}")
+        elif item["type"] == "missing":
+            parts.append(f"missing key {where}")
+        else:
+            msg = str(item["msg"]).removeprefix("Value error, ")
+            parts.append(f"{where}: {msg}")
+    return "; ".join(parts)
