@@ -16,6 +16,7 @@ from edge_agent.bundle import Bundle, load_bundle
 from edge_agent.core.decode import DEFAULT_MAX_PIXELS, ImageError, decode_image, read_image_file
 from edge_agent.core.preprocess import Image, Preprocessor, Tensor
 from edge_agent.core.verdict import Verdict, error_verdict, judge
+from edge_agent.protocol.manifest import Decision
 from edge_agent.runtimes import Runtime, RuntimeOptions, open_runtime
 
 
@@ -30,9 +31,17 @@ class GoldenResult:
 class Inspector:
     """A bundle's model, loaded and ready: one runtime, used from one thread at a time."""
 
-    def __init__(self, bundle: Bundle, runtime: Runtime, max_pixels: int = DEFAULT_MAX_PIXELS):
+    def __init__(
+        self,
+        bundle: Bundle,
+        runtime: Runtime,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        decision: Decision | None = None,
+    ) -> None:
         self.bundle = bundle
         self.manifest = bundle.manifest
+        # A device may override the bundle's thresholds (config [thresholds]).
+        self.decision = decision or bundle.manifest.decision
         self.runtime = runtime
         self.preprocessor = Preprocessor(self.manifest.input, runtime.input_quantization)
         self.max_pixels = max_pixels
@@ -73,7 +82,7 @@ class Inspector:
     def run_tensor(self, tensor: Tensor, frame_id: int, started: float) -> Verdict:
         outputs = self.runtime.run(tensor)
         latency = (time.perf_counter() - started) * 1000.0
-        return judge(outputs, self.manifest.output, self.manifest.decision, frame_id, latency)
+        return judge(outputs, self.manifest.output, self.decision, frame_id, latency)
 
     def inspect_image(self, image: Image, frame_id: int = 0) -> Verdict:
         started = time.perf_counter()

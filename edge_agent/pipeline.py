@@ -103,6 +103,16 @@ class Pipeline:
         self._stop.set()
 
     def run(self, frames: Iterable[Frame]) -> Iterator[Inspection]:
+        """Inspect ``frames``; yield one Inspection per frame read, in frame order."""
+        for item in self.run_with_heartbeat(frames, None):
+            if item is not None:
+                yield item
+
+    def run_with_heartbeat(
+        self, frames: Iterable[Frame], heartbeat_s: float | None
+    ) -> Iterator[Inspection | None]:
+        """Like ``run``, but yield None whenever ``heartbeat_s`` passes without a result,
+        so the caller can flush, log and ping a watchdog while the line is idle."""
         threads = [threading.Thread(target=self._feed, args=(frames,), name="feeder", daemon=True)]
         threads += [
             threading.Thread(target=self._prepare_loop, name=f"decode-{i}", daemon=True)
@@ -112,7 +122,7 @@ class Pipeline:
         for t in threads:
             t.start()
         try:
-            yield from self._ordered()
+            yield from self._ordered(heartbeat_s)
         finally:
             # Reached on normal end, on a crash, or when the caller stops iterating.
             self._stop.set()
@@ -190,11 +200,15 @@ class Pipeline:
         first = failures[0] if failures else None
         self._put(self._q_out, _Done(first, failures[1:]))
 
-    def _ordered(self) -> Iterator[Inspection]:
+    def _ordered(self, heartbeat_s: float | None) -> Iterator[Inspection | None]:
         pending: dict[int, Inspection] = {}
         next_seq = 0
         while True:
-            item = self._q_out.get()
+            try:
+                item = self._q_out.get(timeout=heartbeat_s)
+            except queue.Empty:
+                yield None
+                continue
             if isinstance(item, _Done):
                 if item.failure is not None:
                     raise item.failure

@@ -19,6 +19,9 @@ class Frame:
     source: str
     data: bytes | None = None
     image: npt.NDArray[np.uint8] | None = None
+    # Stable identity of the input when it has one (a hot-folder file: name, size,
+    # mtime), recorded with the verdict so a file is never inspected twice.
+    key: str | None = None
 
     def __post_init__(self) -> None:
         if (self.data is None) == (self.image is None):
