@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,6 +58,9 @@ def _list_files(root: Path) -> set[str]:
     found: set[str] = set()
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames.sort()
+        # os.walk does not descend into symlinked directories; list them so that an
+        # unlisted link is refused like any other unlisted file.
+        filenames = filenames + [d for d in dirnames if (Path(dirpath) / d).is_symlink()]
         for name in filenames:
             rel = (Path(dirpath) / name).relative_to(root).as_posix()
             if rel != MANIFEST_NAME:
@@ -132,9 +136,10 @@ def seal_bundle(path: str | os.PathLike[str], draft: dict[str, object]) -> Bundl
 
 def write_atomic(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` atomically: temp file, fsync, rename, fsync directory."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = Path(tmp_name)
     try:
-        with tmp.open("wb") as f:
+        with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())

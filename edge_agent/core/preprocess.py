@@ -71,7 +71,7 @@ class Preprocessor:
         roi = self.spec.roi
         if roi is not None:
             h, w = image.shape[:2]
-            x0, y0 = round(roi.x * w), round(roi.y * h)
+            x0, y0 = min(round(roi.x * w), w - 1), min(round(roi.y * h), h - 1)
             x1 = max(x0 + 1, min(w, round((roi.x + roi.width) * w)))
             y1 = max(y0 + 1, min(h, round((roi.y + roi.height) * h)))
             image = image[y0:y1, x0:x1]
@@ -105,7 +105,8 @@ class Preprocessor:
         lo, hi = _INT_RANGE[dtype]
         target = np.uint8 if dtype is DType.UINT8 else np.int8
         if self._int_shift == 0 and dtype is DType.UINT8:
-            return np.ascontiguousarray(img[np.newaxis])
+            # A copy: the caller's frame buffer may be reused by a camera driver.
+            return np.array(img[np.newaxis], copy=True, order="C")
         if self._int_shift == -128 and dtype is DType.INT8:
             # x - 128 for x in 0..255 is the same bit pattern as flipping the top bit.
             return np.ascontiguousarray((img ^ np.uint8(0x80)).view(np.int8)[np.newaxis])

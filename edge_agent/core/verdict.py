@@ -47,9 +47,9 @@ def probabilities(outputs: npt.NDArray[np.float32], spec: OutputSpec) -> npt.NDA
     n = len(spec.labels)
     if spec.activation is Activation.SIGMOID:
         if flat.size == 1:
-            p = 1.0 / (1.0 + math.exp(-float(flat[0])))
+            p = _sigmoid(float(flat[0]))
         elif flat.size == n:
-            p = 1.0 / (1.0 + math.exp(-float(flat[spec.defect_index])))
+            p = _sigmoid(float(flat[spec.defect_index]))
         else:
             raise OutputError(f"sigmoid output has {flat.size} values, expected 1 or {n}")
         probs = np.empty(2)
@@ -66,7 +66,17 @@ def probabilities(outputs: npt.NDArray[np.float32], spec: OutputSpec) -> npt.NDA
     return clipped
 
 
+def _sigmoid(x: float) -> float:
+    # Two branches so that exp never overflows for large |x|.
+    if x >= 0:
+        return 1.0 / (1.0 + math.exp(-x))
+    e = math.exp(x)
+    return e / (1.0 + e)
+
+
 def decide(p_defect: float, decision: Decision) -> Outcome:
+    if math.isnan(p_defect):
+        return Outcome.ERROR
     if p_defect >= decision.t_fail:
         return Outcome.FAIL
     if p_defect >= decision.t_uncertain:

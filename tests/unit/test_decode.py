@@ -223,15 +223,6 @@ def test_oversize_file_refused_before_reading(tmp_path: Path) -> None:
     assert read_image_file(p, max_bytes=len(PNG)).shape == (48, 64, 3)
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores file permissions")
-def test_unreadable_file_permission_denied(tmp_path: Path) -> None:
-    p = tmp_path / "secret.png"
-    p.write_bytes(PNG)
-    p.chmod(0)
-    with pytest.raises(UnreadableImageError, match="permission denied"):
-        read_image_file(p)
-
-
 @pytest.mark.parametrize(
     ("error", "reason"),
     [
