@@ -28,7 +28,7 @@ def main() -> int:
     text = render()
     if args.check:
         if not SCHEMA_PATH.exists() or SCHEMA_PATH.read_text() != text:
-            print(f"{SCHEMA_PATH} is out of date: run scripts/gen_bundle_schema.py", file=sys.stderr)
+            print(f"{SCHEMA_PATH} is stale: run scripts/gen_bundle_schema.py", file=sys.stderr)
             return 1
         return 0
     SCHEMA_PATH.write_text(text)
