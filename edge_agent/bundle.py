@@ -60,8 +60,8 @@ def _list_files(root: Path) -> set[str]:
         dirnames.sort()
         # os.walk does not descend into symlinked directories; list them so that an
         # unlisted link is refused like any other unlisted file.
-        filenames = filenames + [d for d in dirnames if (Path(dirpath) / d).is_symlink()]
-        for name in filenames:
+        links = [d for d in dirnames if (Path(dirpath) / d).is_symlink()]
+        for name in [*filenames, *links]:
             rel = (Path(dirpath) / name).relative_to(root).as_posix()
             if rel != MANIFEST_NAME:
                 found.add(rel)

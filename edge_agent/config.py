@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -99,17 +99,18 @@ class SourceSection(_Strict):
     size: Annotated[str, Field(pattern=r"^[0-9]+x[0-9]+$")] = "1280x960"
     count: Annotated[int, Field(ge=1)] | None = None
 
-    @model_validator(mode="after")
-    def _known_scheme(self) -> SourceSection:
-        scheme, sep, target = self.url.partition(":")
+    @field_validator("url")
+    @classmethod
+    def _known_scheme(cls, url: str) -> str:
+        scheme, sep, target = url.partition(":")
         if not sep or scheme not in SOURCE_SCHEMES:
             raise ValueError(
-                f"url must start with one of {', '.join(s + ':' for s in SOURCE_SCHEMES)}; "
-                f"got {self.url!r}"
+                f"must start with one of {', '.join(s + ':' for s in SOURCE_SCHEMES)}; "
+                f"got {url!r}"
             )
         if scheme != "synthetic" and not target:
             raise ValueError(f"{scheme}: needs a target, e.g. {scheme}:/path")
-        return self
+        return url
 
     @property
     def scheme(self) -> str:
@@ -186,12 +187,12 @@ def load_config(path: Path) -> AgentConfig:
         if isinstance(section, dict):
             value = section.get(key)
             if isinstance(value, str) and not os.path.isabs(value):
-                section[key] = str(base / value)
+                section[key] = os.path.normpath(base / value)
     source = raw.get("source")
     if isinstance(source, dict) and isinstance(source.get("url"), str):
         scheme, sep, target = source["url"].partition(":")
         if sep and scheme in ("folder", "replay") and target and not os.path.isabs(target):
-            source["url"] = f"{scheme}:{base / target}"
+            source["url"] = f"{scheme}:{os.path.normpath(base / target)}"
     try:
         return AgentConfig.model_validate(raw)
     except ValidationError as e:

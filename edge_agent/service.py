@@ -1,0 +1,313 @@
+"""The one place that builds the agent's I/O objects from config and runs the line.
+
+    source -> pipeline (decode, preprocess, inference) -> results.db, evidence -> ack
+
+``build_plan`` resolves config and firmware profile into plain values (what ``edge-agent
+check`` prints); ``Agent`` opens everything and runs until the source ends or SIGTERM.
+Results are committed to results.db in small batches; a source is told a frame is done
+(``ack``) only after its row is committed, so a crash never loses or repeats a file.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+
+import numpy as np
+
+from edge_agent.config import AgentConfig, ConfigError, FirmwareProfile
+from edge_agent.core.synthetic import LineConditions
+from edge_agent.inspect import Inspector
+from edge_agent.pipeline import Inspection, Pipeline
+from edge_agent.protocol.manifest import Decision
+from edge_agent.runtimes import RuntimeOptions
+from edge_agent.sinks.evidence import EvidenceStore
+from edge_agent.sinks.evidence_writer import EvidenceWriter
+from edge_agent.sinks.results_db import ResultRecord, ResultsDB
+from edge_agent.sources.base import FrameSource
+
+log = logging.getLogger("edge_agent.service")
+
+RETENTION_INTERVAL_S = 60.0
+# Shares of the evidence quota per outcome: failures are what an engineer reviews, so
+# they are kept longest; a sample of passes documents what "good" looked like.
+EVIDENCE_SHARES = {"fail": 0.6, "uncertain": 0.3, "pass": 0.1, "error": 0.0}
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """Everything the agent would run with, resolved from config and profile."""
+
+    device_id: str
+    profile: str
+    source: str
+    bundle: Path
+    runtime_options: RuntimeOptions
+    decode_workers: int
+    queue_size: int
+    t_fail: float | None
+    t_uncertain: float | None
+    state_dir: Path
+    results_db: Path
+    evidence_dir: Path
+    evidence_quota: dict[str, int]
+    camera: tuple[int, int, float, str]
+
+
+def build_plan(cfg: AgentConfig, profile: FirmwareProfile) -> Plan:
+    rt = cfg.runtime
+    cam = profile.camera
+    src = cfg.source
+    quota_mb = cfg.storage.evidence_quota_mb
+    total = (profile.evidence.quota_mb if quota_mb is None else quota_mb) * 1024 * 1024
+    return Plan(
+        device_id=cfg.device.id,
+        profile=profile.name,
+        source=src.url,
+        bundle=cfg.model.bundle,
+        runtime_options=RuntimeOptions(
+            threads=rt.threads or profile.threads,
+            providers=tuple(rt.providers or profile.providers),
+        ),
+        decode_workers=rt.decode_workers or profile.decode_workers,
+        queue_size=rt.queue_size,
+        t_fail=cfg.thresholds.t_fail,
+        t_uncertain=cfg.thresholds.t_uncertain,
+        state_dir=cfg.storage.state_dir,
+        results_db=cfg.storage.results_db,
+        evidence_dir=cfg.storage.evidence_dir,
+        evidence_quota={k: int(total * share) for k, share in EVIDENCE_SHARES.items()},
+        camera=(
+            src.width or cam.width,
+            src.height or cam.height,
+            src.fps or cam.fps,
+            src.fourcc or cam.fourcc,
+        ),
+    )
+
+
+def open_inspector(plan: Plan) -> Inspector:
+    """Open the bundle's model and apply the device's threshold overrides.
+
+    Raises:
+        BundleError, ModelLoadError: the bundle or model is unusable (named).
+        ConfigError: overridden thresholds contradict each other or the bundle's.
+    """
+    inspector = Inspector.open(plan.bundle, plan.runtime_options)
+    if plan.t_fail is not None or plan.t_uncertain is not None:
+        bundle = inspector.manifest.decision
+        t_fail = bundle.t_fail if plan.t_fail is None else plan.t_fail
+        t_uncertain = bundle.t_uncertain if plan.t_uncertain is None else plan.t_uncertain
+        if t_uncertain > t_fail:
+            inspector.close()
+            raise ConfigError(
+                f"[thresholds] t_uncertain {t_uncertain} is above t_fail {t_fail} "
+                f"(bundle {inspector.manifest.id} has {bundle.t_uncertain} / {bundle.t_fail})"
+            )
+        inspector.decision = Decision(t_fail=t_fail, t_uncertain=t_uncertain)
+    return inspector
+
+
+def build_source(cfg: AgentConfig, plan: Plan, db: ResultsDB | None) -> FrameSource:
+    """Open the source named by ``[source] url``. Raises ValueError naming the problem."""
+    src = cfg.source
+    scheme, target = src.scheme, src.target
+    if scheme == "synthetic":
+        from edge_agent.sources.synthetic import SyntheticLine
+
+        w, _, h = src.size.partition("x")
+        conditions = LineConditions(
+            brightness=src.brightness, defect_rate=src.defect_rate, variant=src.variant
+        )
+        return SyntheticLine(
+            seed=src.seed,
+            size=(int(w), int(h)),
+            conditions=conditions,
+            fps=src.fps or 0.0,
+            count=src.count,
+            encode_jpeg=True,
+        )
+    if scheme == "folder":
+        from edge_agent.sources.folder import FolderSource
+
+        return FolderSource(
+            Path(target),
+            settle_s=src.settle_s,
+            is_recorded=db.is_recorded if db is not None else None,
+        )
+    if scheme == "replay":
+        from edge_agent.sources.replay import ReplaySource
+
+        return ReplaySource(Path(target), fps=src.fps, realtime=src.realtime, loop=src.loop)
+    from edge_agent.sources.camera import CameraSource
+
+    width, height, fps, fourcc = plan.camera
+    return CameraSource(target, width=width, height=height, fps=fps, fourcc=fourcc)
+
+
+class Agent:
+    """The running agent. ``run`` blocks until the source ends or ``stop`` is called."""
+
+    def __init__(self, cfg: AgentConfig, profile: FirmwareProfile) -> None:
+        self.cfg = cfg
+        self.plan = build_plan(cfg, profile)
+        self._stopping = threading.Event()
+        self._pipeline: Pipeline | None = None
+        self._source: FrameSource | None = None
+
+    def install_signal_handlers(self) -> None:
+        def on_signal(signum: int, _frame: FrameType | None) -> None:
+            log.info("stopping", extra={"event": "stopping", "signal": signal.Signals(signum).name})
+            self.stop()
+
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+
+    def stop(self) -> None:
+        """Stop reading frames; frames already read are inspected and stored."""
+        self._stopping.set()
+        if self._pipeline is not None:
+            self._pipeline.stop()
+        if self._source is not None:
+            self._source.close()
+
+    def run(self) -> int:
+        plan = self.plan
+        plan.state_dir.mkdir(parents=True, exist_ok=True)
+        inspector = open_inspector(plan)
+        model_id = inspector.manifest.id
+        db = ResultsDB.open_or_recover(
+            plan.results_db,
+            max_age_s=self.cfg.storage.results_max_age_days * 86400.0,
+            max_rows=self.cfg.storage.results_max_rows,
+        )
+        evidence = EvidenceWriter(
+            EvidenceStore(
+                plan.evidence_dir,
+                quota_bytes=plan.evidence_quota,
+                pass_sample_every=self.cfg.storage.evidence_pass_every,
+                jpeg_quality=self.cfg.storage.evidence_jpeg_quality,
+            )
+        )
+        source = build_source(self.cfg, plan, db)
+        pipeline = Pipeline(
+            inspector,
+            decode_workers=plan.decode_workers,
+            queue_size=plan.queue_size,
+            drop_oldest=source.live,
+        )
+        self._source, self._pipeline = source, pipeline
+        if self._stopping.is_set():
+            self.stop()
+        log.info(
+            "agent started",
+            extra={
+                "event": "started",
+                "device": plan.device_id,
+                "model": model_id,
+                "runtime": inspector.runtime.name,
+                "provider": inspector.runtime.provider,
+                "source": source.name,
+            },
+        )
+        summary = _Summary(self.cfg.log.summary_interval_s)
+        pending: dict[int, Inspection] = {}
+        next_retention = time.monotonic() + RETENTION_INTERVAL_S
+
+        def acknowledge(committed: list[ResultRecord]) -> None:
+            for record in committed:
+                done = pending.pop(record.frame_id, None)
+                if done is not None:
+                    source.ack(done.frame, done.verdict.outcome.value)
+
+        try:
+            for item in pipeline.run_with_heartbeat(source, heartbeat_s=0.25):
+                if item is not None:
+                    pending[item.frame.frame_id] = item
+                    path = evidence.submit(item.frame, item.verdict.outcome.value)
+                    acknowledge(db.add(_record(item, model_id, path)))
+                    summary.add(item)
+                else:
+                    acknowledge(db.flush())
+                now = time.monotonic()
+                if summary.due(now):
+                    summary.log(now, pipeline, source, evidence)
+                if now >= next_retention:
+                    next_retention = now + RETENTION_INTERVAL_S
+                    db.enforce_retention(time.time())
+        finally:
+            acknowledge(db.flush())
+            summary.log(time.monotonic(), pipeline, source, evidence)
+            evidence.close()
+            db.close()
+            source.close()
+            inspector.close()
+            log.info("agent stopped", extra={"event": "stopped", "inspected": summary.total})
+        return 0
+
+
+def _record(item: Inspection, model_id: str, evidence: str | None) -> ResultRecord:
+    v, frame = item.verdict, item.frame
+    return ResultRecord(
+        frame_id=frame.frame_id,
+        ts=frame.timestamp,
+        source=frame.source,
+        source_key=frame.key,
+        model=model_id,
+        p_defect=None if np.isnan(v.p_defect) else v.p_defect,
+        verdict=v.outcome.value,
+        latency_ms=v.latency_ms,
+        error=v.error,
+        evidence=evidence,
+    )
+
+
+class _Summary:
+    """Counts and latency percentiles, logged as one line every interval."""
+
+    def __init__(self, interval_s: float) -> None:
+        self.interval = interval_s
+        self.started = self.last = time.monotonic()
+        self.counts = {"pass": 0, "fail": 0, "uncertain": 0, "error": 0}
+        self.total = 0
+        self.window = 0
+        self.latencies: deque[float] = deque(maxlen=4096)
+
+    def add(self, item: Inspection) -> None:
+        self.counts[item.verdict.outcome.value] += 1
+        self.total += 1
+        self.window += 1
+        self.latencies.append(item.verdict.latency_ms)
+
+    def due(self, now: float) -> bool:
+        return now - self.last >= self.interval
+
+    def log(self, now: float, pipeline: Pipeline, source: FrameSource, ev: EvidenceWriter) -> None:
+        elapsed = max(now - self.last, 1e-9)
+        lat = sorted(self.latencies)
+        p50 = lat[len(lat) // 2] if lat else None
+        p99 = lat[min(len(lat) - 1, int(len(lat) * 0.99))] if lat else None
+        log.info(
+            "summary",
+            extra={
+                "event": "summary",
+                "frames": self.total,
+                "fps": round(self.window / elapsed, 2),
+                **self.counts,
+                "dropped": pipeline.counters.dropped,
+                "lost": source.counters.lost,
+                "latency_p50_ms": None if p50 is None else round(p50, 2),
+                "latency_p99_ms": None if p99 is None else round(p99, 2),
+                "evidence_written": ev.counters.written,
+                "evidence_dropped": ev.counters.dropped,
+                "evidence_disabled": ev.store.disabled_reason is not None,
+            },
+        )
+        self.last = now
+        self.window = 0
