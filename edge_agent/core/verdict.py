@@ -31,6 +31,9 @@ class Verdict:
     error: str | None = None
 
 
+_SMALL = 16
+
+
 class OutputError(ValueError):
     """Model outputs do not fit the manifest's output spec, or are not finite."""
 
@@ -92,6 +95,16 @@ def judge(
     latency_ms: float,
 ) -> Verdict:
     """Turn one frame's raw outputs into a Verdict; bad outputs give an ERROR verdict."""
+    if outputs.size <= _SMALL and spec.activation is Activation.SOFTMAX:
+        # The common case (a few logits) in plain Python: NumPy's per-call overhead on a
+        # two-element array costs more than the arithmetic, on every frame.
+        values = outputs.reshape(-1).tolist()
+        if len(values) == len(spec.labels) and all(map(math.isfinite, values)):
+            top = max(values)
+            exps = [math.exp(v - top) for v in values]
+            p = exps[spec.defect_index] / sum(exps)
+            label = spec.labels[values.index(top)]
+            return Verdict(frame_id, label, p, decide(p, decision), latency_ms)
     try:
         probs = probabilities(outputs, spec)
     except OutputError as e:

@@ -82,7 +82,8 @@ class LiteRtRuntime:
             raise ModelLoadError(f"{model_path.name}: quantized input without a scale")
         out_scale, out_zero = out["quantization"]
         self._out_quant = (float(out_scale), int(out_zero)) if out_scale else None
-        self._provider = "cpu"
+        # The default op resolver applies the XNNPACK delegate on CPU.
+        self._provider = "xnnpack"
 
     @property
     def name(self) -> str:

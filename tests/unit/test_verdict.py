@@ -7,6 +7,8 @@ import math
 import numpy as np
 import numpy.typing as npt
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from edge_agent.core.verdict import (
     Outcome,
@@ -216,3 +218,20 @@ def test_verdict_is_frozen() -> None:
 
 def test_outcome_wire_values() -> None:
     assert [o.value for o in Outcome] == ["pass", "fail", "uncertain", "error"]
+
+
+@given(
+    st.lists(
+        st.floats(min_value=-80, max_value=80, allow_nan=False, width=32),
+        min_size=2,
+        max_size=2,
+    )
+)
+def test_fast_softmax_path_matches_numpy_path(logits: list[float]) -> None:
+    spec = OutputSpec(labels=["ok", "defect"], defect_label="defect", activation=Activation.SOFTMAX)
+    decision = Decision(t_fail=0.5, t_uncertain=0.2)
+    outputs = np.array(logits, dtype=np.float32)
+    fast = judge(outputs, spec, decision, 0, 0.0)
+    probs = probabilities(outputs, spec)
+    assert fast.p_defect == pytest.approx(float(probs[1]), abs=1e-9)
+    assert fast.outcome is decide(float(probs[1]), decision)

@@ -1,0 +1,1 @@
+"""Frame sources: iterables of ``Frame`` behind one protocol."""
