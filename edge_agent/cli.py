@@ -113,9 +113,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     _model_args(demo)
     demo.add_argument("--seconds", type=float, default=15.0, help="how long to run (0: forever)")
-    demo.add_argument("--fps", type=float, default=60.0, help="line speed (0: as fast as possible)")
+    demo.add_argument("--fps", type=float, default=30.0, help="line speed (0: as fast as possible)")
     demo.add_argument("--seed", type=int, default=1, metavar="S")
-    demo.add_argument("--size", type=_size, default=(1280, 960), metavar="WxH")
+    demo.add_argument("--size", type=_size, default=(640, 480), metavar="WxH")
     _line_args(demo)
     demo.set_defaults(func=_cmd_demo)
 
