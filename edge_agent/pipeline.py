@@ -2,14 +2,15 @@
 
     source -> [decode + preprocess] x N -> inference -> caller
 
-The source is iterated on a feeder thread; decoding and preprocessing run on
-``decode_workers`` threads (OpenCV releases the GIL); inference runs on one thread
-(ONNX Runtime and LiteRT release the GIL), so on two cores decoding frame n+1 overlaps
-inferring frame n. Results come out in frame order.
+Decoding and preprocessing run on ``decode_workers`` threads (OpenCV releases the GIL);
+inference runs on one thread (ONNX Runtime and LiteRT release the GIL), so on two cores
+decoding frame n+1 overlaps inferring frame n. The inference thread does nothing but
+run the model; verdicts are made on the caller's thread. Results come out in frame order.
 
-A live source (``drop_oldest=True``) never waits for the pipeline: when the input queue
-is full, the oldest waiting frame is dropped and counted. Other sources (files, replay)
-wait instead, and nothing is dropped.
+A live source (``drop_oldest=True``) is read on its own feeder thread and never waits
+for the pipeline: when the input queue is full, the oldest waiting frame is dropped and
+counted. Other sources (files, replay) are read by the decode workers themselves and
+wait instead; nothing is dropped.
 """
 
 from __future__ import annotations
@@ -18,13 +19,16 @@ import queue
 import threading
 import time
 import typing
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+
+import numpy as np
+import numpy.typing as npt
 
 from edge_agent.core.decode import ImageError
 from edge_agent.core.frame import Frame
 from edge_agent.core.preprocess import Image, Tensor
-from edge_agent.core.verdict import Verdict, error_verdict
+from edge_agent.core.verdict import Verdict, error_verdict, judge
 from edge_agent.inspect import Inspector
 
 _POLL_S = 0.05
@@ -56,6 +60,8 @@ class _Prepared:
     fitted: Image | None = None
     tensor: Tensor | None = None
     error: str | None = None
+    outputs: npt.NDArray[np.float32] | None = None
+    finished: float = 0.0
 
 
 @dataclass(slots=True)
@@ -92,11 +98,14 @@ class Pipeline:
         self.counters = PipelineCounters()
         self._q_in: queue.Queue[tuple[int, Frame] | _Done] = queue.Queue(queue_size)
         self._q_mid: queue.Queue[_Prepared | _Done] = queue.Queue(queue_size)
-        self._q_out: queue.Queue[tuple[int, Inspection] | _Done] = queue.Queue(queue_size * 4)
+        self._q_out: queue.Queue[_Prepared | _Done] = queue.Queue(queue_size * 4)
         self._stop = threading.Event()
         self._abort = threading.Event()
         self._lock = threading.Lock()
         self._dropped_seqs: set[int] = set()
+        self._source_lock = threading.Lock()
+        self._iterator: Iterator[Frame] = iter(())
+        self._exhausted = False
 
     def stop(self) -> None:
         """Stop taking frames from the source; in-flight frames are still finished."""
@@ -113,9 +122,22 @@ class Pipeline:
     ) -> Iterator[Inspection | None]:
         """Like ``run``, but yield None whenever ``heartbeat_s`` passes without a result,
         so the caller can flush, log and ping a watchdog while the line is idle."""
-        threads = [threading.Thread(target=self._feed, args=(frames,), name="feeder", daemon=True)]
+        if self.drop_oldest:
+            # A live source gets its own thread, so that it is read on time (and the
+            # oldest waiting frame dropped) however busy the decode workers are.
+            feeder = threading.Thread(target=self._feed, args=(frames,), name="feeder", daemon=True)
+            threads = [feeder]
+            take = self._take_queued
+        else:
+            # A waiting source is read by the decode workers themselves: one thread and
+            # one queue hop fewer per frame.
+            self._iterator = iter(frames)
+            threads = []
+            take = self._take_direct
         threads += [
-            threading.Thread(target=self._prepare_loop, name=f"decode-{i}", daemon=True)
+            threading.Thread(
+                target=self._prepare_loop, args=(take,), name=f"decode-{i}", daemon=True
+            )
             for i in range(self.decode_workers)
         ]
         threads.append(threading.Thread(target=self._infer_loop, name="inference", daemon=True))
@@ -148,11 +170,30 @@ class Pipeline:
         for _ in range(self.decode_workers):
             self._put(self._q_in, _Done(failure))
 
-    def _prepare_loop(self) -> None:
+    def _take_queued(self) -> tuple[int, Frame] | _Done | None:
+        return self._get(self._q_in)
+
+    def _take_direct(self) -> tuple[int, Frame] | _Done | None:
+        with self._source_lock:
+            if self._stop.is_set() or self._abort.is_set() or self._exhausted:
+                return _Done()
+            try:
+                frame = next(self._iterator)
+            except StopIteration:
+                self._exhausted = True
+                return _Done()
+            except BaseException as e:  # noqa: BLE001 - carried to the caller's thread, re-raised
+                self._exhausted = True
+                return _Done(e)
+            seq = self.counters.frames_in
+            self.counters.frames_in += 1
+            return seq, frame
+
+    def _prepare_loop(self, take: Callable[[], tuple[int, Frame] | _Done | None]) -> None:
         inspector = self.inspector
         pre = inspector.preprocessor
         while True:
-            item = self._get(self._q_in)
+            item = take()
             if item is None:
                 return
             if isinstance(item, _Done):
@@ -174,7 +215,9 @@ class Pipeline:
                 return
 
     def _infer_loop(self) -> None:
-        inspector = self.inspector
+        # The bottleneck stage: nothing here but taking a tensor, running the model and
+        # passing the outputs on. Verdicts are made on the caller's thread.
+        run = self.inspector.runtime.run
         done = 0
         failures: list[BaseException] = []
         while done < self.decode_workers:
@@ -186,19 +229,27 @@ class Pipeline:
                 if item.failure is not None:
                     failures.append(item.failure)
                 continue
-            fid = item.frame.frame_id
-            try:
-                if item.tensor is None:
-                    verdict = error_verdict(fid, item.error or "unknown error", 0.0)
-                else:
-                    verdict = inspector.run_tensor(item.tensor, fid, item.started)
-            except BaseException as e:  # noqa: BLE001 - carried to the caller's thread, re-raised
-                failures.append(e)
-                break
-            if not self._put(self._q_out, (item.seq, Inspection(item.frame, verdict, item.fitted))):
+            if item.tensor is not None:
+                try:
+                    item.outputs = run(item.tensor)
+                except BaseException as e:  # noqa: BLE001 - carried to the caller's thread, re-raised
+                    failures.append(e)
+                    break
+                item.finished = time.perf_counter()
+            if not self._put(self._q_out, item):
                 return
         first = failures[0] if failures else None
         self._put(self._q_out, _Done(first, failures[1:]))
+
+    def _inspection(self, item: _Prepared) -> Inspection:
+        fid = item.frame.frame_id
+        if item.outputs is None:
+            verdict = error_verdict(fid, item.error or "unknown error", 0.0)
+        else:
+            latency = (item.finished - item.started) * 1000.0
+            m = self.inspector
+            verdict = judge(item.outputs, m.manifest.output, m.decision, fid, latency)
+        return Inspection(item.frame, verdict, item.fitted)
 
     def _ordered(self, heartbeat_s: float | None) -> Iterator[Inspection | None]:
         pending: dict[int, Inspection] = {}
@@ -215,8 +266,7 @@ class Pipeline:
                 for seq in sorted(pending):
                     yield self._count(pending.pop(seq))
                 return
-            seq, inspection = item
-            pending[seq] = inspection
+            pending[item.seq] = self._inspection(item)
             while True:
                 if next_seq in pending:
                     yield self._count(pending.pop(next_seq))
