@@ -105,8 +105,7 @@ class SourceSection(_Strict):
         scheme, sep, target = url.partition(":")
         if not sep or scheme not in SOURCE_SCHEMES:
             raise ValueError(
-                f"must start with one of {', '.join(s + ':' for s in SOURCE_SCHEMES)}; "
-                f"got {url!r}"
+                f"must start with one of {', '.join(s + ':' for s in SOURCE_SCHEMES)}; got {url!r}"
             )
         if scheme != "synthetic" and not target:
             raise ValueError(f"{scheme}: needs a target, e.g. {scheme}:/path")
