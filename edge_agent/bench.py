@@ -80,7 +80,7 @@ def run_bench(
     frames: int = 2000,
     jpeg_count: int = 600,
     rounds: int = 3,
-    decode_workers: int = 1,
+    decode_workers: int = 2,
     progress: Progress | None = None,
 ) -> BenchResult:
     say = progress or (lambda _msg: None)

@@ -78,7 +78,7 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--jpegs", type=_positive, default=600, help="JPEG frames per round")
     bench.add_argument("--rounds", type=_positive, default=3, help="alternating rounds (best kept)")
     bench.add_argument(
-        "--decode-workers", type=_positive, default=1, help="decode threads in the pipeline"
+        "--decode-workers", type=_positive, default=2, help="decode threads in the JPEG pipeline"
     )
     bench.set_defaults(func=_cmd_bench)
 
