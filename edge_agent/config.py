@@ -26,7 +26,9 @@ else:  # pragma: no cover - exercised on Python 3.10 devices only
 
 DEFAULT_CONFIG = Path("/etc/edge-agent/agent.toml")
 SOURCE_SCHEMES = ("camera", "folder", "replay", "synthetic")
+# A source checkout keeps them beside the package; an installed wheel under its prefix.
 _PACKAGE_PROFILES = Path(__file__).resolve().parent.parent / "firmware_profiles"
+_INSTALLED_PROFILES = Path(sys.prefix) / "share" / "edgefleet" / "firmware_profiles"
 
 
 class ConfigError(Exception):
@@ -204,7 +206,7 @@ def profile_search_path() -> list[Path]:
     env = os.environ.get("EDGE_AGENT_PROFILES")
     if env:
         paths += [Path(p) for p in env.split(os.pathsep) if p]
-    paths += [Path("/etc/edge-agent/profiles"), _PACKAGE_PROFILES]
+    paths += [Path("/etc/edge-agent/profiles"), _INSTALLED_PROFILES, _PACKAGE_PROFILES]
     return paths
 
 
