@@ -24,7 +24,7 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +33,21 @@ from typing import Any
 import cv2
 import numpy as np
 import numpy.typing as npt
+from reference_card import GOLDEN_TOLERANCE, model_card
+from reference_net import (
+    BLOCKS,
+    HEIGHT,
+    LABELS,
+    WIDTH,
+    Floats,
+    U8Images,
+    build_net,
+    export_onnx,
+    export_tflite,
+    fold_batch_norm,
+    predict,
+    to_batch,
+)
 
 from edge_agent.bundle import seal_bundle, write_atomic
 from edge_agent.core.features import build_reference_profile, image_features
@@ -43,19 +58,11 @@ from edge_agent.inspect import Inspector
 from edge_agent.protocol.manifest import InputSpec
 
 ROOT = Path(__file__).resolve().parent.parent
-WIDTH, HEIGHT = 160, 120
-LABELS = ("ok", "defect")
 VERSION = "1.0.0"
 FLOAT_INPUT = InputSpec.model_validate(
     {"width": WIDTH, "height": HEIGHT, "layout": "NCHW", "dtype": "float32"}
 )
-# (out channels, stride) of each 3x3 conv + BN + ReLU block.
-BLOCKS: tuple[tuple[int, int], ...] = ((16, 2), (32, 2), (64, 2), (64, 1), (128, 2))
 GOLDEN_KINDS: tuple[str, ...] = (NO_DEFECT, NO_DEFECT, *DEFECT_KINDS)
-GOLDEN_TOLERANCE = 0.05
-
-U8Images = npt.NDArray[np.uint8]
-Floats = npt.NDArray[np.float64]
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,39 +143,6 @@ def render_split(split: Split, pool: ProcessPoolExecutor) -> Data:
 # --- model -------------------------------------------------------------------------------
 
 
-def build_net(torch: Any) -> Any:
-    nn = torch.nn
-    layers: list[Any] = []
-    channels = 3
-    for out, stride in BLOCKS:
-        layers += [
-            nn.Conv2d(channels, out, 3, stride, 1, bias=False),
-            nn.BatchNorm2d(out),
-            nn.ReLU(inplace=True),
-        ]
-        channels = out
-    # Max pooling: a defect is a small local response; averaging would dilute it.
-    layers += [nn.AdaptiveMaxPool2d(1), nn.Flatten(), nn.Linear(channels, len(LABELS))]
-    return nn.Sequential(*layers)
-
-
-def to_batch(torch: Any, images: U8Images) -> Any:
-    """BGR uint8 NHWC -> RGB float32 NCHW in 0..1: the manifest's mean 0, std 255."""
-    rgb = np.ascontiguousarray(images[..., ::-1].transpose(0, 3, 1, 2))
-    return torch.from_numpy(rgb).float().div_(255.0)
-
-
-def predict(torch: Any, net: Any, images: U8Images, batch: int = 256) -> Floats:
-    """P(defect) of each image from a torch net."""
-    net.eval()
-    out: list[Floats] = []
-    with torch.no_grad():
-        for a in range(0, len(images), batch):
-            logits = net(to_batch(torch, images[a : a + batch]))
-            out.append(torch.softmax(logits, dim=1)[:, 1].double().numpy())
-    return np.concatenate(out)
-
-
 def train(torch: Any, args: argparse.Namespace, data: Data, val: Data) -> tuple[Any, list[Any]]:
     torch.manual_seed(args.seed)
     net = build_net(torch).to(memory_format=torch.channels_last)
@@ -220,124 +194,7 @@ def train(torch: Any, args: argparse.Namespace, data: Data, val: Data) -> tuple[
     return net, history
 
 
-def fold_batch_norm(torch: Any, net: Any) -> Any:
-    """The same function as ``net`` (in eval mode) with each BN folded into its conv."""
-    nn = torch.nn
-    layers: list[Any] = []
-    modules = list(net)
-    i = 0
-    while i < len(modules):
-        m = modules[i]
-        if isinstance(m, nn.Conv2d) and i + 1 < len(modules):
-            bn = modules[i + 1]
-            scale = bn.weight.detach() / torch.sqrt(bn.running_var + bn.eps)
-            conv = nn.Conv2d(
-                m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding, bias=True
-            )
-            with torch.no_grad():
-                conv.weight.copy_(m.weight.detach() * scale.reshape(-1, 1, 1, 1))
-                conv.bias.copy_(bn.bias.detach() - bn.running_mean * scale)
-            layers.append(conv)
-            i += 2
-            continue
-        layers.append(m)
-        i += 1
-    folded = nn.Sequential(*layers).eval()
-    return folded.to(memory_format=torch.contiguous_format)
-
-
 # --- export ------------------------------------------------------------------------------
-
-
-def export_onnx(torch: Any, folded: Any, path: Path, check: U8Images) -> float:
-    """Write ``folded`` as ONNX (opset 17, batch 1); return max |logit diff| vs torch."""
-    import onnxruntime as ort
-
-    dummy = torch.zeros(1, 3, HEIGHT, WIDTH)
-    torch.onnx.export(
-        folded,
-        (dummy,),
-        str(path),
-        input_names=["input"],
-        output_names=["logits"],
-        opset_version=17,
-        dynamo=False,
-    )
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    worst = 0.0
-    with torch.no_grad():
-        for image in check:
-            x = to_batch(torch, image[np.newaxis])
-            ref = folded(x).numpy()
-            got = session.run(None, {"input": x.numpy()})[0]
-            worst = max(worst, float(np.abs(ref - got).max()))
-    return worst
-
-
-def build_keras(tf: Any, torch: Any, folded: Any) -> Any:
-    """The folded net in Keras, NHWC; explicit zero padding + 'valid' conv reproduces
-    PyTorch's symmetric padding exactly (Keras 'same' pads stride-2 convs asymmetrically)."""
-    keras = tf.keras
-    inp = keras.Input((HEIGHT, WIDTH, 3), batch_size=1, name="input")
-    x = inp
-    weights: list[npt.NDArray[np.float32]] = []
-    for m in folded:
-        if isinstance(m, torch.nn.Conv2d):
-            x = keras.layers.ZeroPadding2D(m.padding[0])(x)
-            x = keras.layers.Conv2D(
-                m.out_channels, m.kernel_size, strides=m.stride, padding="valid"
-            )(x)
-            weights += [
-                m.weight.detach().numpy().transpose(2, 3, 1, 0),
-                m.bias.detach().numpy(),
-            ]
-        elif isinstance(m, torch.nn.ReLU):
-            x = keras.layers.ReLU()(x)
-        elif isinstance(m, torch.nn.AdaptiveMaxPool2d):
-            x = keras.layers.GlobalMaxPooling2D()(x)
-        elif isinstance(m, torch.nn.Linear):
-            x = keras.layers.Dense(m.out_features, name="logits")(x)
-            weights += [m.weight.detach().numpy().T, m.bias.detach().numpy()]
-    model = keras.Model(inp, x)
-    model.set_weights(weights)
-    return model
-
-
-def nhwc(images: U8Images) -> npt.NDArray[np.float32]:
-    return np.ascontiguousarray(images[..., ::-1], dtype=np.float32) / np.float32(255.0)
-
-
-def export_tflite(
-    tf: Any, torch: Any, folded: Any, path: Path, *, calibration: U8Images, check: U8Images
-) -> float:
-    """Write a full-integer TFLite model (uint8 input, int8 output); return max |logit
-    diff| between the Keras float rebuild and torch."""
-    model = build_keras(tf, torch, folded)
-    worst = 0.0
-    with torch.no_grad():
-        for image in check:
-            ref = folded(to_batch(torch, image[np.newaxis])).numpy()
-            got = model(nhwc(image[np.newaxis]), training=False).numpy()
-            worst = max(worst, float(np.abs(ref - got).max()))
-
-    def representative() -> Iterator[list[npt.NDArray[np.float32]]]:
-        for k, image in enumerate(calibration):
-            x = nhwc(image[np.newaxis])
-            if k == 0:
-                # Pin the input range to exactly 0..1 so the input's quantization is
-                # scale 1/255, zero point 0: raw pixels go straight in.
-                x[0, 0, 0, :] = 0.0
-                x[0, 0, 1, :] = 1.0
-            yield [x]
-
-    converter = tf.lite.TFLiteConverter.from_keras_model(model)
-    converter.optimizations = [tf.lite.Optimize.DEFAULT]
-    converter.representative_dataset = representative
-    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-    converter.inference_input_type = tf.uint8
-    converter.inference_output_type = tf.int8
-    path.write_bytes(converter.convert())
-    return worst
 
 
 def measure_latency(bundle_dir: Path, images: U8Images, runs: int = 500) -> float:
@@ -523,153 +380,6 @@ def evaluate(name: str, data: Data, bundles: dict[str, Path], t_fail: float) -> 
 
 
 # --- model card --------------------------------------------------------------------------
-
-
-def _pct(x: float) -> str:
-    return f"{100.0 * x:.2f}%"
-
-
-def _eval_rows(evals: dict[str, Any]) -> str:
-    names = {
-        "normal": "normal lighting, 640x480",
-        "dim60": "brightness 0.6, 640x480",
-        "large": "normal lighting, 1280x960",
-    }
-    rows = []
-    for key, title in names.items():
-        e = evals[key]
-        for rt in ("onnx", "tflite"):
-            s = e[rt]
-            kinds = ", ".join(f"{k} {_pct(v)}" for k, v in s["recall_by_kind"].items())
-            rows.append(
-                f"| {title} | {rt} | {s['items']} | {_pct(s['accuracy'])} | "
-                f"{_pct(s['defect_recall'])} | {_pct(s['false_fail_rate'])} | "
-                f"{_pct(s['uncertain_rate'])} | {kinds} |"
-            )
-    return "\n".join(rows)
-
-
-def model_card(m: dict[str, Any]) -> str:
-    """``models/README.md``, filled in from the metrics of this run."""
-    e, d, t = m["eval"], m["decision"], m["training"]
-    agree = "\n".join(
-        f"| {k} | {_pct(e[k]['int8_fp32_verdict_agreement'])} | "
-        f"{_pct(e[k]['int8_fp32_label_agreement'])} | {e[k]['int8_fp32_max_abs_p_diff']:.3f} |"
-        for k in ("normal", "dim60", "large")
-    )
-    epochs = "\n".join(
-        f"| {h['epoch']} | {h['loss']:.4f} | {_pct(h['train_accuracy'])} | "
-        f"{_pct(h['val_accuracy'])} | {h['seconds']:.0f} |"
-        for h in t["history"]
-    )
-    blocks = " -> ".join(f"conv3x3/{s} {c}" for c, s in m["model"]["blocks"])
-    lat, size = m["latency_ms_median_1thread"], m["bundle_bytes"]
-    return f"""# Reference models
-
-Two bundles of one model, the **reference defect classifier** for the synthetic phone-back
-line (`edge_agent.core.synthetic`, variant `a`):
-
-| bundle | runtime | model | input | size |
-| --- | --- | --- | --- | --- |
-| `reference-onnx/` | ONNX Runtime | fp32, opset 17 | NCHW float32, RGB, pixel / 255 | \
-{size["onnx"]:,} bytes |
-| `reference-tflite/` | LiteRT (ai-edge-litert) | full int8 | NHWC uint8, RGB, raw pixels | \
-{size["tflite"]:,} bytes |
-
-Both take the frame stretched to 160x120 (`INTER_AREA` when shrinking, as the agent's
-preprocessor does), output two logits for `["ok", "defect"]` (softmax), and carry the same
-thresholds, golden samples (6 PNGs: 2 good items, one scratch, dent, crack, missing part;
-expected P(defect) computed through the agent's own `Inspector`, tolerance
-{GOLDEN_TOLERANCE}) and a reference profile for drift detection. This file and
-`reference-metrics.json` are written by the training script; do not edit the numbers by hand.
-
-## How it is made
-
-```
-{m["command"]}
-```
-
-One command, seeded end to end (data seeds below, `torch.manual_seed(0)`, deterministic
-torch algorithms). Wall time on a 2-core x86 box: {m["wall_seconds"]:.0f} s, of which training
-{t["seconds"]:.0f} s (torch {t["torch"]}, tensorflow {t["tensorflow"]}). `--help` lists the
-knobs (items, epochs, learning rate).
-
-1. **Data**, rendered in memory by `render_item` and fitted to 160x120 by the agent's own
-   `Preprocessor.fit`: {m["data"]["train"]["items"]} training items (seed 1000) and
-   {m["data"]["val"]["items"]} validation items (seed 2000), rendered at 320x240 (7 in
-   10), 640x480 (2 in 10) and 1280x960 (1 in 10), half of them defective (kinds equally
-   likely), each with its own lighting: brightness 0.85..1.15, color cast 0.93..1.07 per
-   channel, sensor noise 0.5..1.6x. Dim light (0.6) is deliberately *not* in training:
-   it is the drift case.
-2. **Model**: {blocks}
-   (each conv + batch norm + ReLU, symmetric padding 1), global **max** pooling (a
-   defect is a small local response that averaging would dilute), linear 128 -> 2.
-   {m["model"]["parameters"]:,} parameters, input 1x3x120x160.
-   AdamW, one-cycle learning rate, cross-entropy, batch 64.
-3. **Export**: batch norm folded into the convolutions (max |P diff|
-   {m["validation"]["bn_fold_max_p_diff"]:.1e}); ONNX via `torch.onnx.export` (max |logit diff|
-   vs torch in onnxruntime {m["validation"]["onnx_max_logit_diff"]:.1e}); the same weights
-   in a Keras NHWC rebuild with explicit zero padding + `valid` convolutions (max |logit
-   diff| {m["validation"]["keras_max_logit_diff"]:.1e}), converted by `TFLiteConverter` with
-   full-integer quantization (400 training images as representative data, input range
-   pinned to 0..1 so the uint8 input has scale 1/255 and zero point 0: raw pixels go in).
-4. **Thresholds** from the validation set: `t_fail` = {d["t_fail"]} (the value in 0.30..0.70
-   with the best validation accuracy, ties to the one nearest 0.5); `t_uncertain` =
-   {d["t_uncertain"]} (the 99th percentile of P(defect) over good validation items, rounded
-   up to 0.05, so the uncertain band sends at most about 1% of good parts to review
-   while catching defects the model is unsure about).
-5. **Reference profile**: {m["data"]["reference"]["items"]} held-out items (seed 3000) of
-   the normal line (640x480, brightness 1.0, defect rate 0.1, in index order, windows of
-   100 frames): the seven image features of the fitted 160x120 image plus P(defect) of
-   *that bundle's own model* (the int8 bundle's profile uses int8 probabilities, which is
-   what its devices will report).
-
-## Training
-
-| epoch | loss | train accuracy | validation accuracy | seconds |
-| --- | --- | --- | --- | --- |
-{epochs}
-
-## What it measures
-
-On line seeds never used in training or threshold choice (900000+), half of the items
-defective, through the agent's `Inspector` (same preprocessing and runtimes as a device).
-"Fail" means P(defect) >= t_fail; accuracy and recall count `uncertain` as not failed;
-the uncertain column is the share of all items in the uncertain band.
-
-| conditions | bundle | items | accuracy | defect recall | false fail | uncertain | recall by kind |
-| --- | --- | --- | --- | --- | --- | --- | --- |
-{_eval_rows(e)}
-
-int8 (TFLite) vs fp32 (ONNX) on the same images:
-
-| conditions | verdict agreement (pass/fail/uncertain) | fail agreement | max abs P diff |
-| --- | --- | --- | --- |
-{agree}
-
-Model latency, one thread, median per frame (preprocessed tensor in hand):
-ONNX Runtime {lat["onnx"]:.2f} ms, LiteRT int8 {lat["tflite"]:.2f} ms.
-
-Quality bar (accuracy and defect recall >= 98% for both bundles at normal lighting,
-int8/fp32 verdict agreement >= 99%): **{"met" if m["quality_bar_met"] else "NOT met"}**.
-
-## Limits
-
-- Synthetic only: one procedural product (variant `a`) on one kind of belt. It says
-  nothing about real phones, real cameras or real defects; it exists so the fleet,
-  update and drift machinery has a real model with real behaviour to move around.
-- Trained for brightness 0.85..1.15. At 0.6 brightness the numbers above show what
-  happens; the drift detectors are expected to flag that condition (mean brightness
-  and P(defect) histograms move) before anyone trusts those verdicts.
-- Variant `b` (gold body, camera on the other side, antenna bands) was never seen: its
-  verdicts are meaningless, and its image features sit far outside the reference
-  profile on purpose, so drift detection can be tested on a new variant.
-- Defects are drawn at least ~0.6% of a 4:3 frame's width thick so they survive
-  downscaling to 160x120; smaller real defects would need a larger input or a crop
-  (region of interest).
-- The reference profile is for this synthetic line at normal lighting; a real line
-  needs a profile from its own good production.
-"""
 
 
 # --- main --------------------------------------------------------------------------------
