@@ -1,0 +1,409 @@
+"""The fleet TUF repository, checked by the real python-tuf client (ngclient.Updater).
+
+The device side is a real ``Updater`` bootstrapped with ``1.root.json``; its fetcher reads
+the repository's published directories directly (no network).
+"""
+
+from __future__ import annotations
+
+import json
+import stat
+from collections.abc import Callable, Iterator
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from urllib.parse import unquote
+
+import pytest
+
+# Both packages re-export these names without __all__, which mypy --strict flags.
+from securesystemslib.signer import CryptoSigner, Signer  # type: ignore[attr-defined]
+from tuf.api.exceptions import (
+    DownloadError,
+    DownloadHTTPError,
+    DownloadLengthMismatchError,
+    ExpiredMetadataError,
+    LengthOrHashMismatchError,
+    UnsignedMetadataError,
+)
+from tuf.api.metadata import (  # type: ignore[attr-defined]
+    Metadata,
+    MetaFile,
+    Snapshot,
+    TargetFile,
+    Targets,
+    Timestamp,
+)
+from tuf.ngclient.fetcher import FetcherInterface
+from tuf.ngclient.updater import Updater
+
+from fleet_server.repository import (
+    DIRECTOR_ROLE,
+    FleetRepository,
+    RepositoryError,
+    init_keys,
+    load_signers,
+    release_path,
+)
+
+METADATA_URL = "https://fleet.test/metadata/"
+TARGETS_URL = "https://fleet.test/targets/"
+BUNDLE = b"model bundle bytes " * 64
+
+
+class DirectoryFetcher(FetcherInterface):
+    """Serves ``<base URL><path>`` from ``<directory>/<path>``; anything else is a 404."""
+
+    def __init__(self, roots: dict[str, Path]) -> None:
+        self._roots = {prefix: root.resolve() for prefix, root in roots.items()}
+
+    def _fetch(self, url: str) -> Iterator[bytes]:
+        for prefix, root in self._roots.items():
+            if url.startswith(prefix):
+                path = (root / unquote(url[len(prefix) :])).resolve()
+                if path.is_relative_to(root) and path.is_file():
+                    return iter([path.read_bytes()])
+        raise DownloadHTTPError(f"not found: {url}", 404)
+
+
+def _now() -> datetime:
+    # The Updater checks expiry against the real clock, so the repository signs near it.
+    return datetime.now(timezone.utc)
+
+
+@pytest.fixture
+def key_dir(tmp_path: Path) -> Path:
+    keys = tmp_path / "keys"
+    init_keys(keys)
+    return keys
+
+
+@pytest.fixture
+def fleet(tmp_path: Path, key_dir: Path) -> FleetRepository:
+    repo = FleetRepository(
+        tmp_path / "published" / "metadata", key_dir, tmp_path / "published" / "targets"
+    )
+    repo.create(now=_now())
+    return repo
+
+
+@pytest.fixture
+def device(tmp_path: Path, fleet: FleetRepository) -> Callable[[], Updater]:
+    """Returns a factory of fresh device Updaters (each one refreshes once)."""
+    counter = iter(range(1000))
+
+    def make() -> Updater:
+        home = tmp_path / f"device-{next(counter)}"
+        (home / "metadata").mkdir(parents=True)
+        fetcher = DirectoryFetcher(
+            {METADATA_URL: fleet.metadata_dir, TARGETS_URL: fleet.targets_dir}
+        )
+        return Updater(
+            metadata_dir=str(home / "metadata"),
+            metadata_base_url=METADATA_URL,
+            target_dir=str(home / "targets"),
+            target_base_url=TARGETS_URL,
+            fetcher=fetcher,
+            bootstrap=(fleet.metadata_dir / "1.root.json").read_bytes(),
+        )
+
+    return make
+
+
+def _bundle(tmp_path: Path, data: bytes = BUNDLE, name: str = "bundle.tar") -> Path:
+    path = tmp_path / "incoming" / name
+    path.parent.mkdir(exist_ok=True)
+    path.write_bytes(data)
+    return path
+
+
+def _release(fleet: FleetRepository, tmp_path: Path, version: str, data: bytes = BUNDLE) -> int:
+    return fleet.add_release(
+        "defect",
+        version,
+        _bundle(tmp_path, data),
+        runtime="onnxruntime",
+        profiles=["rpi5", "x86"],
+        now=_now(),
+    )
+
+
+def _version(fleet: FleetRepository, role: str) -> int:
+    document = json.loads((fleet.metadata_dir / f"{role}.json").read_bytes())
+    version = document["signed"]["version"]
+    assert isinstance(version, int)
+    return version
+
+
+def test_device_gets_its_assignment_and_the_model(
+    fleet: FleetRepository, tmp_path: Path, device: Callable[[], Updater]
+) -> None:
+    assert _release(fleet, tmp_path, "1.0.0") == 1
+    model = release_path("defect", "1.0.0")
+    fleet.assign("dev-1", model, now=_now())
+
+    updater = device()
+    updater.refresh()
+    assignment = updater.get_targetinfo("assignments/dev-1")
+    assert assignment is not None
+    document = json.loads(Path(updater.download_target(assignment)).read_bytes())
+    assert document == {"device": "dev-1", "target": model}
+    assert updater.get_targetinfo("assignments/dev-2") is None
+
+    info = updater.get_targetinfo(document["target"])
+    assert info is not None
+    assert info.custom == {
+        "release_counter": 1,
+        "runtime": "onnxruntime",
+        "profiles": ["rpi5", "x86"],
+        "model": "defect",
+        "version": "1.0.0",
+    }
+    assert Path(updater.download_target(info)).read_bytes() == BUNDLE
+
+
+def test_reassignment_reaches_a_device(
+    fleet: FleetRepository, tmp_path: Path, device: Callable[[], Updater]
+) -> None:
+    _release(fleet, tmp_path, "1.0.0")
+    _release(fleet, tmp_path, "1.1.0", BUNDLE + b"v2")
+    fleet.assign("dev-1", release_path("defect", "1.0.0"), now=_now())
+    fleet.assign("dev-1", release_path("defect", "1.1.0"), now=_now())
+
+    updater = device()
+    assignment = updater.get_targetinfo("assignments/dev-1")
+    assert assignment is not None
+    document = json.loads(Path(updater.download_target(assignment)).read_bytes())
+    assert document["target"] == release_path("defect", "1.1.0")
+
+
+@pytest.mark.parametrize(
+    ("tamper", "error"),
+    [
+        ("flip-byte", LengthOrHashMismatchError),
+        ("truncate", LengthOrHashMismatchError),
+        ("append", DownloadLengthMismatchError),
+    ],
+)
+def test_tampered_model_is_refused(
+    fleet: FleetRepository,
+    tmp_path: Path,
+    device: Callable[[], Updater],
+    tamper: str,
+    error: type[Exception],
+) -> None:
+    _release(fleet, tmp_path, "1.0.0")
+    served = fleet.targets_dir / release_path("defect", "1.0.0")
+    data = bytearray(served.read_bytes())
+    if tamper == "flip-byte":
+        data[len(data) // 2] ^= 0x01
+    elif tamper == "truncate":
+        del data[-1]
+    else:
+        data += b"\x00"
+    served.write_bytes(bytes(data))
+
+    updater = device()
+    info = updater.get_targetinfo(release_path("defect", "1.0.0"))
+    assert info is not None
+    with pytest.raises(error):
+        updater.download_target(info)
+
+
+def _forge_director(fleet: FleetRepository, key_dir: Path, signer: Signer) -> None:
+    """Re-sign director.json with ``signer``; snapshot and timestamp stay properly signed."""
+    director = Metadata[Targets].from_file(str(fleet.metadata_dir / f"{DIRECTOR_ROLE}.json"))
+    path = "assignments/dev-1"
+    content = json.dumps({"device": "dev-1", "target": "models/evil.tar"}).encode()
+    director.signed.targets[path] = TargetFile.from_data(path, content)
+    director.signed.version += 1
+    director.sign(signer)
+    director.to_file(str(fleet.metadata_dir / f"{DIRECTOR_ROLE}.json"))
+
+    snapshot = Metadata[Snapshot].from_file(str(fleet.metadata_dir / "snapshot.json"))
+    snapshot.signed.meta[f"{DIRECTOR_ROLE}.json"] = MetaFile(version=director.signed.version)
+    snapshot.signed.version += 1
+    snapshot.sign(load_signers(key_dir, "snapshot")[0])
+    snapshot.to_file(str(fleet.metadata_dir / "snapshot.json"))
+
+    timestamp = Metadata[Timestamp].from_file(str(fleet.metadata_dir / "timestamp.json"))
+    timestamp.signed.snapshot_meta = MetaFile(version=snapshot.signed.version)
+    timestamp.signed.version += 1
+    timestamp.sign(load_signers(key_dir, "timestamp")[0])
+    timestamp.to_file(str(fleet.metadata_dir / "timestamp.json"))
+
+
+@pytest.mark.parametrize("key", ["fresh-key", "release-key", "snapshot-key"])
+def test_assignment_signed_outside_the_director_role_is_refused(
+    fleet: FleetRepository,
+    tmp_path: Path,
+    key_dir: Path,
+    device: Callable[[], Updater],
+    key: str,
+) -> None:
+    _release(fleet, tmp_path, "1.0.0")
+    fleet.assign("dev-1", release_path("defect", "1.0.0"), now=_now())
+    signers: dict[str, Callable[[], Signer]] = {
+        "fresh-key": CryptoSigner.generate_ed25519,
+        "release-key": lambda: load_signers(key_dir, "targets")[0],
+        "snapshot-key": lambda: load_signers(key_dir, "snapshot")[0],
+    }
+    _forge_director(fleet, key_dir, signers[key]())
+
+    updater = device()
+    updater.refresh()  # top-level metadata is intact
+    with pytest.raises(UnsignedMetadataError):
+        updater.get_targetinfo("assignments/dev-1")
+
+
+def test_forged_director_with_the_director_key_is_accepted(
+    fleet: FleetRepository, tmp_path: Path, key_dir: Path, device: Callable[[], Updater]
+) -> None:
+    """Control for the test above: only the signing key differs there."""
+    _release(fleet, tmp_path, "1.0.0")
+    _forge_director(fleet, key_dir, load_signers(key_dir, DIRECTOR_ROLE)[0])
+
+    assignment = device().get_targetinfo("assignments/dev-1")
+    assert assignment is not None
+    assert assignment.length == len(
+        json.dumps({"device": "dev-1", "target": "models/evil.tar"}).encode()
+    )
+
+
+def test_release_counter_grows_per_model(fleet: FleetRepository, tmp_path: Path) -> None:
+    assert _release(fleet, tmp_path, "1.0.0", b"one") == 1
+    assert _release(fleet, tmp_path, "1.1.0", b"two") == 2
+    other = fleet.add_release(
+        "scratch", "1.0.0", _bundle(tmp_path, b"s"), runtime="litert", profiles=[], now=_now()
+    )
+    assert other == 1
+    before = _version(fleet, "targets")
+    # The same release again is a no-op that keeps its counter.
+    assert _release(fleet, tmp_path, "1.0.0", b"one") == 1
+    assert _version(fleet, "targets") == before
+    # A lower version string released later still gets a higher counter.
+    assert _release(fleet, tmp_path, "0.9.0", b"late") == 3
+
+
+@pytest.mark.parametrize(
+    "change",
+    [{"data": b"other bytes"}, {"runtime": "litert"}, {"profiles": ["jetson"]}],
+    ids=["bytes", "runtime", "profiles"],
+)
+def test_rerelease_with_different_content_is_refused(
+    fleet: FleetRepository, tmp_path: Path, change: dict[str, object]
+) -> None:
+    _release(fleet, tmp_path, "1.0.0")
+    before = _version(fleet, "targets")
+    data = change.get("data", BUNDLE)
+    runtime = change.get("runtime", "onnxruntime")
+    profiles = change.get("profiles", ["rpi5", "x86"])
+    assert isinstance(data, bytes)
+    assert isinstance(runtime, str)
+    assert isinstance(profiles, list)
+    with pytest.raises(RepositoryError, match="already released"):
+        fleet.add_release(
+            "defect",
+            "1.0.0",
+            _bundle(tmp_path, data),
+            runtime=runtime,
+            profiles=profiles,
+            now=_now(),
+        )
+    assert _version(fleet, "targets") == before
+    assert (fleet.targets_dir / release_path("defect", "1.0.0")).read_bytes() == BUNDLE
+    assert not list((fleet.targets_dir / "models").glob(".staging-*"))
+
+
+@pytest.mark.parametrize(
+    ("device_id", "target"),
+    [
+        ("dev-1", "models/defect-9.9.9.tar"),
+        ("dev-1", "assignments/dev-2"),
+        ("a/b", "models/defect-1.0.0.tar"),
+        ("", "models/defect-1.0.0.tar"),
+    ],
+    ids=["unreleased", "not-a-model", "slash-in-id", "empty-id"],
+)
+def test_assign_refuses_bad_input(
+    fleet: FleetRepository, tmp_path: Path, device_id: str, target: str
+) -> None:
+    _release(fleet, tmp_path, "1.0.0")
+    before = _version(fleet, DIRECTOR_ROLE)
+    with pytest.raises(RepositoryError):
+        fleet.assign(device_id, target, now=_now())
+    assert _version(fleet, DIRECTOR_ROLE) == before
+
+
+def test_expired_timestamp_is_refused(
+    fleet: FleetRepository, device: Callable[[], Updater]
+) -> None:
+    fleet.refresh_timestamp(now=_now() - timedelta(days=2))
+    with pytest.raises(ExpiredMetadataError):
+        device().refresh()
+
+    fleet.refresh_timestamp(now=_now())
+    device().refresh()
+
+
+def test_metadata_lifetimes(fleet: FleetRepository) -> None:
+    now = _now()
+    expected = {"root": 365, "targets": 30, "director": 30, "snapshot": 7, "timestamp": 1}
+    for role, days in expected.items():
+        document = json.loads((fleet.metadata_dir / f"{role}.json").read_bytes())
+        expires = datetime.fromisoformat(document["signed"]["expires"].replace("Z", "+00:00"))
+        assert abs(expires - (now + timedelta(days=days))) < timedelta(minutes=1), role
+
+
+def test_root_is_two_of_three_and_signed_by_two(fleet: FleetRepository) -> None:
+    root = json.loads((fleet.metadata_dir / "1.root.json").read_bytes())
+    assert root["signed"]["roles"]["root"]["threshold"] == 2
+    assert len(root["signed"]["roles"]["root"]["keyids"]) == 3
+    assert len(root["signatures"]) == 2
+    assert root["signed"]["consistent_snapshot"] is False
+    release = json.loads((fleet.metadata_dir / "targets.json").read_bytes())
+    (director,) = release["signed"]["delegations"]["roles"]
+    assert director["name"] == DIRECTOR_ROLE
+    assert director["paths"] == ["assignments/*"]
+
+
+def test_private_keys_stay_private(fleet: FleetRepository, key_dir: Path) -> None:
+    assert stat.S_IMODE(key_dir.stat().st_mode) == 0o700
+    key_files = sorted(key_dir.iterdir())
+    assert len(key_files) == 7
+    for path in key_files:
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
+        assert b"PRIVATE KEY" in path.read_bytes()
+
+    published = [p for d in (fleet.metadata_dir, fleet.targets_dir) for p in d.rglob("*")]
+    assert any(p.name == "root.json" for p in published)
+    for path in published:
+        if path.is_file():
+            assert b"PRIVATE KEY" not in path.read_bytes(), path
+
+
+def test_init_keys_refuses_a_non_empty_dir(tmp_path: Path) -> None:
+    keys = tmp_path / "keys"
+    keys.mkdir()
+    (keys / "notes.txt").write_text("hello")
+    with pytest.raises(RepositoryError, match="not empty"):
+        init_keys(keys)
+    assert [p.name for p in keys.iterdir()] == ["notes.txt"]
+
+
+def test_repository_refuses_keys_inside_published_dirs(tmp_path: Path) -> None:
+    init_keys(tmp_path / "metadata" / "keys")
+    with pytest.raises(RepositoryError, match="must not overlap"):
+        FleetRepository(tmp_path / "metadata", tmp_path / "metadata" / "keys", tmp_path / "t")
+
+
+def test_create_refuses_an_existing_repository(fleet: FleetRepository) -> None:
+    with pytest.raises(RepositoryError, match="already exists"):
+        fleet.create(now=_now())
+
+
+def test_fetcher_serves_nothing_outside_its_dirs(fleet: FleetRepository) -> None:
+    fetcher = DirectoryFetcher({METADATA_URL: fleet.metadata_dir})
+    with pytest.raises(DownloadError):
+        fetcher.download_bytes(f"{METADATA_URL}../targets/x", 1000)
+    with pytest.raises(DownloadHTTPError):
+        fetcher.download_bytes(f"{METADATA_URL}nope.json", 1000)
