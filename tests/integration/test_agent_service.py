@@ -74,8 +74,16 @@ def _start(config: Path) -> subprocess.Popen[str]:
 
 
 def _rows(db: Path) -> list[tuple[str | None, str]]:
-    with sqlite3.connect(db) as conn:
-        return list(conn.execute("SELECT source_key, verdict FROM results ORDER BY id"))
+    """Committed results; none while the agent has not yet created its schema."""
+    if not db.exists():
+        return []
+    try:
+        with sqlite3.connect(db) as conn:
+            return list(conn.execute("SELECT source_key, verdict FROM results ORDER BY id"))
+    except sqlite3.OperationalError as e:
+        if "no such table" in str(e):
+            return []
+        raise
 
 
 def _wait_for(predicate: object, timeout: float) -> None:
@@ -130,7 +138,7 @@ def test_sigterm_under_load_drains_in_flight_frames(tmp_path: Path) -> None:
     config = _config(tmp_path, "synthetic:", 'size = "640x480"')
     proc = _start(config)
     db = tmp_path / "state" / "results.db"
-    _wait_for(lambda: db.exists() and len(_rows(db)) > 50, 60)
+    _wait_for(lambda: len(_rows(db)) > 50, 60)
     sent = time.monotonic()
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=30)
@@ -148,7 +156,7 @@ def test_sigkill_under_load_then_restart_processes_every_file_once(tmp_path: Pat
     config = _config(tmp_path, f"folder:{inbox}", "settle_s = 0.1")
     db = tmp_path / "state" / "results.db"
     proc = _start(config)
-    _wait_for(lambda: db.exists() and len(_rows(db)) >= 40, 60)
+    _wait_for(lambda: len(_rows(db)) >= 40, 60)
     proc.send_signal(signal.SIGKILL)
     proc.communicate(timeout=10)
     with sqlite3.connect(db) as conn:
