@@ -1,0 +1,1 @@
+"""Device side of updates: fetching TUF metadata and bundles over MQTT."""

@@ -1,0 +1,1 @@
+"""Fleet server workers: long-running services attached to the MQTT transport."""
