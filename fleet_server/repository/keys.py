@@ -18,11 +18,13 @@ from securesystemslib.signer import CryptoSigner, Signer  # type: ignore[attr-de
 
 from fleet_server.repository.errors import RepositoryError
 
-# Role name -> number of keys. "targets" is the release role (ML team), "director" is the
-# delegated role for device assignments (online key on the fleet server).
+# Role name -> number of keys (ADR 6). "targets" is the thin offline top-level role that only
+# delegates; "release" (ML team) signs models/*, "director" (online, on the fleet server)
+# signs assignments/*.
 ROLE_KEY_COUNTS: dict[str, int] = {
     "root": 3,
     "targets": 1,
+    "release": 1,
     "director": 1,
     "snapshot": 1,
     "timestamp": 1,

@@ -5,8 +5,11 @@ Requests arrive on ``devices/+/fetch`` and are answered on the requesting device
 client certificate). Paths are resolved strictly inside ``metadata_dir`` / ``targets_dir``:
 no ``..``, and no symlink anywhere below those directories is followed.
 
-Whole files are kept in an LRU cache keyed by ``(path, mtime_ns, size)``, so a bundle that
-many devices fetch is read from disk once; a replaced file gets a new key.
+Whole files are kept in an LRU cache keyed by ``(path, device, inode, mtime_ns, size)``, so
+a bundle that many devices fetch is read from disk once; a replaced file gets a new key.
+The inode matters: metadata is replaced atomically (a new inode each time), and a
+re-signed ``timestamp.json`` usually has the same size as the old one and, within the
+filesystem's timestamp granularity, the same mtime.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from edge_agent.transport import MqttTransport
 
 DEFAULT_CACHE_BYTES = 64 * 1024 * 1024
 
-_CacheKey = tuple[str, int, int]
+_CacheKey = tuple[str, int, int, int, int]
 
 
 class ChunkServer:
@@ -130,7 +133,7 @@ class ChunkServer:
                 with self._lock:
                     self.reads_from_disk += 1
                 return size, os.pread(fd, min(length, max(size - offset, 0)), offset)
-            key = (path, info.st_mtime_ns, size)
+            key = (path, info.st_dev, info.st_ino, info.st_mtime_ns, size)
             with self._lock:
                 data = self._cache.get(key)
                 if data is not None:

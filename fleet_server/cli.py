@@ -1,0 +1,388 @@
+"""``fleet-server``: keys, the signed repository, releases, assignments, and the server.
+
+A repository directory REPO holds what devices may read: ``REPO/metadata`` (TUF metadata)
+and ``REPO/targets`` (bundles and assignments). Private keys live in a separate directory
+KEYS, never inside REPO. User errors print ``fleet-server: error: ...`` naming the bad
+file, key or argument, and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import tempfile
+import threading
+from datetime import datetime, timezone
+from pathlib import Path
+from types import FrameType
+
+from edge_agent.bundle import load_bundle
+from edge_agent.config import ConfigError, load_profile, profile_search_path
+from edge_agent.protocol import topics
+from edge_agent.protocol.errors import BundleError
+from edge_agent.transport import MqttTransport, TlsFiles
+from edge_agent.update.unpack import pack_bundle
+from fleet_server.compatibility import (
+    CompatibilityError,
+    check_assignment,
+    find_profiles,
+    release_profiles,
+)
+from fleet_server.repository import (
+    DIRECTOR_ROLE,
+    RELEASE_ROLE,
+    TARGETS_ROLE,
+    FleetRepository,
+    RepositoryError,
+    assignment_path,
+    init_keys,
+    load_signers,
+    release_path,
+)
+from fleet_server.serve import DEFAULT_REFRESH_INTERVAL_S, FleetPublisher
+from fleet_server.workers.chunk_server import ChunkServer
+
+EXIT_USAGE = 2
+_CONNECT_WAIT_S = 5.0
+_PROFILES_HELP = (
+    "Firmware profiles are read from $EDGE_AGENT_PROFILES (a path list), "
+    "/etc/edge-agent/profiles, the installed share/edgefleet/firmware_profiles and the "
+    "source checkout's firmware_profiles/, first match by name wins."
+)
+
+
+class UsageError(Exception):
+    """Bad command-line input: printed as ``fleet-server: error: ...``, exit 2."""
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        code: int = args.func(args)
+    except (
+        UsageError,
+        RepositoryError,
+        BundleError,
+        ConfigError,
+        CompatibilityError,
+        OSError,
+    ) as e:
+        print(f"fleet-server: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+    return code
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="fleet-server",
+        description="Fleet server: signs model releases and device assignments into a TUF "
+        "repository (REPO/metadata, REPO/targets) and serves it to devices over MQTT.",
+        epilog="First use: 'fleet-server keys init --keys KEYS --repo REPO', then copy "
+        "REPO/metadata/1.root.json onto every device at provisioning.",
+    )
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    keys = sub.add_parser("keys", help="signing keys", description="Manage signing keys.")
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
+    keys_init = keys_sub.add_parser(
+        "init",
+        help="create every role's keys (and, with --repo, the repository)",
+        description="Create fresh ed25519 keys for every role: root (3, threshold 2), "
+        "targets (1, offline: it only delegates), release (1), director (1), snapshot (1), "
+        "timestamp (1). KEYS is created with mode 0700 and each key file with 0600; an "
+        "existing non-empty KEYS is refused. With --repo, also create the repository as "
+        "'repo init' does. Move the root and targets keys offline afterwards: only "
+        "'release' needs the release key, 'assign' and 'serve' need director, snapshot "
+        "and timestamp.",
+    )
+    _keys_arg(keys_init)
+    keys_init.add_argument(
+        "--repo", type=Path, metavar="REPO", help="also create version 1 metadata in REPO"
+    )
+    keys_init.set_defaults(func=_cmd_keys_init)
+
+    repo = sub.add_parser("repo", help="the signed repository", description="Manage REPO.")
+    repo_sub = repo.add_subparsers(dest="repo_command", required=True, metavar="ACTION")
+    repo_init = repo_sub.add_parser(
+        "init",
+        help="create version 1 of every role's metadata",
+        description="Sign version 1 of root, targets, release, director, snapshot and "
+        "timestamp into REPO/metadata (and create REPO/targets), then print the path of "
+        "REPO/metadata/1.root.json: the trusted root to install on devices at provisioning. "
+        "Refuses an existing repository and a KEYS directory that overlaps REPO.",
+    )
+    _repo_args(repo_init)
+    repo_init.set_defaults(func=_cmd_repo_init)
+
+    release = sub.add_parser(
+        "release",
+        help="publish a model bundle",
+        description="Verify BUNDLE_DIR (bundle.json and exactly the files it lists), pack "
+        "it as a deterministic tar and publish it as models/NAME-VERSION.tar in the release "
+        "role, with runtime (from bundle.json), compatible profiles and a release counter "
+        "(one more than the model's highest so far). Releasing the same bundle again "
+        "changes nothing and prints the same counter; the same NAME@VERSION with other "
+        "bytes or profiles is refused. Prints the target path and the release counter. "
+        + _PROFILES_HELP,
+    )
+    release.add_argument("bundle_dir", type=Path, metavar="BUNDLE_DIR", help="bundle directory")
+    _repo_args(release)
+    release.add_argument(
+        "--profiles",
+        metavar="P1,P2",
+        help="comma-separated firmware profiles the release is for (each must list the "
+        "bundle's runtime); default: every known profile that lists it",
+    )
+    release.set_defaults(func=_cmd_release)
+
+    assign = sub.add_parser(
+        "assign",
+        help="tell a device which released model to run",
+        description="Sign assignments/DEVICE_ID in the director role, pointing at the "
+        "released MODEL@VERSION. Refused (exit 2) when that release is not for the device's "
+        "firmware profile or the profile lacks its runtime. There is no device registry "
+        "yet: give the device's profile with --profile. " + _PROFILES_HELP,
+    )
+    assign.add_argument("device_id", metavar="DEVICE_ID", help="the device's id")
+    assign.add_argument("model", metavar="MODEL@VERSION", help="a released bundle, name@version")
+    _repo_args(assign)
+    assign.add_argument(
+        "--profile",
+        required=True,
+        help="the device's firmware profile: a name (e.g. rpi5) or a .toml path",
+    )
+    assign.set_defaults(func=_cmd_assign)
+
+    resign = sub.add_parser(
+        "resign",
+        help="re-sign one role's metadata before it expires",
+        description="Re-sign ROLE's metadata unchanged with a fresh expiry, then snapshot "
+        "and timestamp. 'serve' re-signs director, snapshot and timestamp by itself; "
+        "release (30 days, the release key) and targets (365 days, the offline targets "
+        "key) need this command. Root rotation is not supported yet.",
+    )
+    resign.add_argument(
+        "role",
+        choices=[TARGETS_ROLE, RELEASE_ROLE, DIRECTOR_ROLE, "snapshot", "timestamp"],
+        metavar="ROLE",
+        help="one of targets, release, director, snapshot, timestamp",
+    )
+    _repo_args(resign)
+    resign.set_defaults(func=_cmd_resign)
+
+    serve = sub.add_parser(
+        "serve",
+        help="serve the repository to devices over MQTT",
+        description="Connect to the MQTT broker, answer devices' fetch requests from "
+        "REPO/metadata and REPO/targets, publish a retained notify "
+        '({"timestamp_version":N}) on ' + topics.NOTIFY + " whenever the published "
+        "timestamp changes (checked every second), and re-sign timestamp, snapshot and "
+        "director when less than half of their lifetime remains (checked every "
+        "--timestamp-refresh seconds and at start). Logs one line per action to stderr; "
+        "stops cleanly on SIGINT or SIGTERM.",
+    )
+    _repo_args(serve)
+    serve.add_argument("--broker", required=True, metavar="HOST:PORT", help="the MQTT broker")
+    serve.add_argument("--client-id", default="fleet-server", help="MQTT client id")
+    serve.add_argument("--tls-ca", type=Path, metavar="PEM", help="the broker's CA certificate")
+    serve.add_argument("--tls-cert", type=Path, metavar="PEM", help="this server's certificate")
+    serve.add_argument("--tls-key", type=Path, metavar="PEM", help="this server's private key")
+    serve.add_argument(
+        "--timestamp-refresh",
+        type=_positive_seconds,
+        default=DEFAULT_REFRESH_INTERVAL_S,
+        metavar="SECONDS",
+        help="how often to check whether metadata needs re-signing (default: %(default)s)",
+    )
+    serve.set_defaults(func=_cmd_serve)
+    return p
+
+
+def _keys_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--keys", required=True, type=Path, metavar="KEYS", help="private key directory")
+
+
+def _repo_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--repo",
+        required=True,
+        type=Path,
+        metavar="REPO",
+        help="repository directory (REPO/metadata, REPO/targets)",
+    )
+    _keys_arg(p)
+
+
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from e
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0: {text!r}")
+    return value
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def _open_repository(repo: Path, keys: Path) -> FleetRepository:
+    repo_path, keys_path = repo.resolve(), keys.resolve()
+    if (
+        repo_path == keys_path
+        or keys_path.is_relative_to(repo_path)
+        or repo_path.is_relative_to(keys_path)
+    ):
+        raise UsageError(f"key directory {keys} must not overlap repository {repo}")
+    return FleetRepository(repo / "metadata", keys, repo / "targets")
+
+
+def _create_repository(repo: Path, keys: Path) -> None:
+    fleet = _open_repository(repo, keys)
+    fleet.create(now=_now())
+    print(f"created repository {repo}")
+    print(f"root metadata for provisioning devices: {fleet.metadata_dir / '1.root.json'}")
+
+
+def _cmd_keys_init(args: argparse.Namespace) -> int:
+    if args.repo is not None:
+        # Refuse an overlap or an existing repository before creating keys.
+        root = _open_repository(args.repo, args.keys).metadata_dir / "root.json"
+        if root.exists():
+            raise UsageError(f"repository already exists: {root}")
+    init_keys(args.keys)
+    print(f"created keys in {args.keys}")
+    if args.repo is not None:
+        _create_repository(args.repo, args.keys)
+    return 0
+
+
+def _cmd_repo_init(args: argparse.Namespace) -> int:
+    _create_repository(args.repo, args.keys)
+    return 0
+
+
+def _cmd_release(args: argparse.Namespace) -> int:
+    requested = None
+    if args.profiles is not None:
+        requested = [name.strip() for name in args.profiles.split(",") if name.strip()]
+    fleet = _open_repository(args.repo, args.keys)
+    # Verified first: pack_bundle archives the directory as it is.
+    manifest = load_bundle(args.bundle_dir).manifest
+    runtime = manifest.runtime.value
+    profiles = release_profiles(runtime, find_profiles(profile_search_path()), requested)
+    with tempfile.TemporaryDirectory(prefix="fleet-release-") as tmp:
+        tar = Path(tmp) / "bundle.tar"
+        try:
+            pack_bundle(args.bundle_dir, tar)
+        except ValueError as e:  # a name or file type a device would refuse to unpack
+            raise UsageError(f"cannot pack {args.bundle_dir}: {e}") from e
+        counter = fleet.add_release(
+            manifest.name,
+            manifest.version,
+            tar,
+            runtime=runtime,
+            profiles=profiles,
+            now=_now(),
+        )
+    print(
+        f"released {release_path(manifest.name, manifest.version)} "
+        f"release_counter={counter} runtime={runtime} profiles={','.join(profiles)}"
+    )
+    return 0
+
+
+def _cmd_assign(args: argparse.Namespace) -> int:
+    name, sep, version = args.model.partition("@")
+    if not sep or not name or not version:
+        raise UsageError(f"expected MODEL@VERSION, got {args.model!r}")
+    try:
+        device_id = topics.validate_device_id(args.device_id)
+    except ValueError as e:
+        raise UsageError(str(e)) from e
+    profile = load_profile(args.profile)
+    fleet = _open_repository(args.repo, args.keys)
+    target = release_path(name, version)
+    released = fleet.released(target)
+    if released is None:
+        raise UsageError(f"{args.model} is not released (no {target} in release.json)")
+    check_assignment(args.model, released.custom, profile)
+    fleet.assign(device_id, target, now=_now())
+    print(f"assigned {assignment_path(device_id)} -> {target}")
+    return 0
+
+
+def _cmd_resign(args: argparse.Namespace) -> int:
+    fleet = _open_repository(args.repo, args.keys)
+    fleet.resign(args.role, now=_now())
+    print(f"re-signed {args.role}.json: expires {fleet.expires(args.role).isoformat()}")
+    return 0
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    host, port = _parse_broker(args.broker)
+    tls = _tls_files(args.tls_ca, args.tls_cert, args.tls_key)
+    fleet = _open_repository(args.repo, args.keys)
+    fleet.timestamp_state()  # refuse a missing repository before connecting
+    for role in (DIRECTOR_ROLE, "snapshot", "timestamp"):
+        load_signers(args.keys, role)  # re-signing needs them: fail now, not in an hour
+    logging.basicConfig(
+        level=logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    logger = logging.getLogger("fleet_server")
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        logger.info("%s: stopping", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    transport = MqttTransport(host=host, port=port, client_id=args.client_id, tls=tls)
+    transport.start()
+    try:
+        if not transport.wait_connected(_CONNECT_WAIT_S):
+            logger.warning("broker %s:%d not reachable yet; retrying in the background", host, port)
+        ChunkServer(transport, fleet.metadata_dir, fleet.targets_dir, logger)
+        logger.info("serving %s to devices via %s:%d", args.repo, host, port)
+        FleetPublisher(
+            transport, fleet, refresh_interval_s=args.timestamp_refresh, logger=logger
+        ).run(stop)
+    finally:
+        transport.stop()
+    logger.info("stopped")
+    return 0
+
+
+def _parse_broker(text: str) -> tuple[str, int]:
+    host, sep, port_text = text.rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")  # [::1]:1883
+    if not sep or not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise UsageError(f"--broker must be HOST:PORT, got {text!r}")
+    return host, int(port_text)
+
+
+def _tls_files(ca: Path | None, cert: Path | None, key: Path | None) -> TlsFiles | None:
+    given = {"--tls-ca": ca, "--tls-cert": cert, "--tls-key": key}
+    if all(path is None for path in given.values()):
+        return None
+    for option, path in given.items():
+        if path is None:
+            raise UsageError(f"{option} is missing: give all of --tls-ca, --tls-cert, --tls-key")
+    for option, path in given.items():
+        if path is not None and not path.is_file():
+            raise UsageError(f"{option} {path}: no such file")
+    if ca is None or cert is None or key is None:  # checked above; for the type checker
+        raise UsageError("give all of --tls-ca, --tls-cert, --tls-key")
+    return TlsFiles(ca_file=ca, cert_file=cert, key_file=key)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
