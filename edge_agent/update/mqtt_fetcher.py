@@ -9,16 +9,14 @@ The length cap is not enforced here: ``FetcherInterface.download_file`` counts t
 this generator yields and stops at the signed length. This fetcher bounds time instead:
 per-chunk timeouts with retries, and a minimum-throughput deadline for the whole file.
 
-Use one fetcher per transport: the transport keeps one handler per topic filter, so a
-second fetcher for the same device replaces the first one's subscription handler.
+Answers are matched to requests by the `AnswerRouter` shared by every fetcher and
+`BundleDownloader` of the same ``(transport, device_id)``, so several may coexist.
 """
 
 from __future__ import annotations
 
 import logging
 import queue
-import secrets
-import threading
 import time
 from collections.abc import Iterator
 from urllib.parse import unquote
@@ -32,11 +30,10 @@ from edge_agent.protocol.fetch_wire import (
     FetchAnswer,
     FetchRequest,
     WireError,
-    decode_answer,
-    encode_request,
     validate_path,
 )
 from edge_agent.transport import MqttTransport
+from edge_agent.update.requests import AnswerRouter, new_request_id
 
 URL_SCHEME = "mqtt:"
 
@@ -51,7 +48,7 @@ class MqttFetcher(FetcherInterface):
         retries: further attempts per chunk after a timeout.
         min_bytes_per_s, min_deadline_s: the whole file must arrive within
             ``max(min_deadline_s, total / min_bytes_per_s)`` seconds.
-        logger: where ignored answers are logged (debug).
+        logger: where timeouts and offline requests are logged (debug).
 
     Raises (from ``fetch`` and the iterator it returns):
         DownloadHTTPError: status 404 when the server does not have the file.
@@ -71,18 +68,12 @@ class MqttFetcher(FetcherInterface):
     ) -> None:
         if request_timeout_s <= 0 or retries < 0 or min_bytes_per_s <= 0 or min_deadline_s <= 0:
             raise ValueError("timeouts and throughput must be positive, retries >= 0")
-        self._transport = transport
-        self._device_id = topics.validate_device_id(device_id)
+        self._router = AnswerRouter.shared(transport, topics.validate_device_id(device_id))
         self._request_timeout_s = request_timeout_s
         self._retries = retries
         self._min_bytes_per_s = min_bytes_per_s
         self._min_deadline_s = min_deadline_s
         self._logger = logger if logger is not None else logging.getLogger(__name__)
-        self._lock = threading.Lock()
-        self._pending: dict[str, queue.Queue[FetchAnswer]] = {}
-        # QoS 0 both ways: retries are per chunk here anyway, and a QoS 1 PUBACK right before
-        # the next small request stalls on Nagle + delayed ACK (about 40 ms a chunk).
-        transport.subscribe(topics.data(device_id), self._on_data, qos=0)
 
     def _fetch(self, url: str) -> Iterator[bytes]:
         # Checked before the generator starts: fetch() wraps only what _fetch raises
@@ -123,13 +114,11 @@ class MqttFetcher(FetcherInterface):
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise DownloadError(f"{url}: too slow, deadline passed at offset {offset}")
-            request_id = secrets.token_hex(8)
-            inbox: queue.Queue[FetchAnswer] = queue.Queue()
-            with self._lock:
-                self._pending[request_id] = inbox
+            request_id = new_request_id()
+            inbox: queue.SimpleQueue[FetchAnswer] = queue.SimpleQueue()
+            self._router.register(request_id, inbox.put)
             try:
-                payload = encode_request(FetchRequest(request_id, path, offset, CHUNK_SIZE))
-                if not self._transport.publish(topics.fetch(self._device_id), payload, qos=0):
+                if not self._router.send(FetchRequest(request_id, path, offset, CHUNK_SIZE)):
                     self._logger.debug("fetch request for %s not queued (offline)", url)
                 try:
                     return inbox.get(timeout=min(self._request_timeout_s, remaining))
@@ -138,25 +127,10 @@ class MqttFetcher(FetcherInterface):
                         "no answer for %s at %d (attempt %d)", url, offset, attempt + 1
                     )
             finally:
-                with self._lock:
-                    del self._pending[request_id]
+                self._router.unregister(request_id)
         raise DownloadError(
             f"{url}: no answer at offset {offset} after {1 + self._retries} attempts"
         )
-
-    def _on_data(self, _topic: str, payload: bytes) -> None:
-        # On the network thread: hand the answer over, never block.
-        try:
-            answer = decode_answer(payload)
-        except WireError as e:
-            self._logger.debug("ignoring malformed answer: %s", e)
-            return
-        with self._lock:
-            inbox = self._pending.get(answer.id)
-        if inbox is None:
-            self._logger.debug("ignoring answer for unknown or expired id %s", answer.id)
-            return
-        inbox.put(answer)
 
 
 def _path_of(url: str) -> str:
