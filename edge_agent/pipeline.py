@@ -11,6 +11,10 @@ A live source (``drop_oldest=True``) is read on its own feeder thread and never 
 for the pipeline: when the input queue is full, the oldest waiting frame is dropped and
 counted. Other sources (files, replay) are read by the decode workers themselves and
 wait instead; nothing is dropped.
+
+``swap`` replaces the model while frames flow. Each frame is bound to the inspector that
+is current when a decode worker takes it, and keeps it through preprocess, inference and
+verdict, so a frame never mixes two models and frames switch over in frame order.
 """
 
 from __future__ import annotations
@@ -37,11 +41,21 @@ _T = typing.TypeVar("_T")
 
 @dataclass(frozen=True, slots=True)
 class Inspection:
-    """A frame and its verdict; ``fitted`` is the model-size image (None on error)."""
+    """A frame and its verdict; ``fitted`` is the model-size image (None on error).
+
+    ``inspector`` is the one that prepared and judged the frame (after a ``swap``, the
+    agent sees here when the new model took effect); ``model`` is its bundle id.
+    """
 
     frame: Frame
     verdict: Verdict
     fitted: Image | None
+    inspector: Inspector | None = None
+
+    @property
+    def model(self) -> str:
+        """``name@version`` of the bundle that produced the verdict ("" if unknown)."""
+        return "" if self.inspector is None else self.inspector.manifest.id
 
 
 @dataclass(slots=True)
@@ -56,6 +70,7 @@ class PipelineCounters:
 class _Prepared:
     seq: int
     frame: Frame
+    inspector: Inspector
     started: float
     fitted: Image | None = None
     tensor: Tensor | None = None
@@ -77,7 +92,8 @@ class Pipeline:
 
     ``run`` may be called once per Pipeline. ``stop`` (from any thread, e.g. a SIGTERM
     handler) stops reading the source; frames already read are still inspected and
-    yielded, so nothing taken from the source is lost.
+    yielded, so nothing taken from the source is lost. ``swap`` (from any thread)
+    changes the model for the frames taken from then on.
     """
 
     def __init__(
@@ -104,12 +120,29 @@ class Pipeline:
         self._lock = threading.Lock()
         self._dropped_seqs: set[int] = set()
         self._source_lock = threading.Lock()
+        self._take_lock = threading.Lock()
         self._iterator: Iterator[Frame] = iter(())
         self._exhausted = False
 
     def stop(self) -> None:
         """Stop taking frames from the source; in-flight frames are still finished."""
         self._stop.set()
+
+    def swap(self, inspector: Inspector) -> None:
+        """Inspect the frames taken from now on with ``inspector``; callable from any thread.
+
+        Frames already taken finish on the inspector they started with; none is lost,
+        failed or repeated, and results stay in frame order. ``inspector`` must be loaded
+        and warmed up already (this call does no work, so the line does not stall), and
+        must not be used by another thread meanwhile. The old inspector is no longer used
+        once an Inspection from the new one has been yielded (or ``run`` has ended); only
+        then may the caller close it.
+        """
+        # No lock here: a frame's seq and inspector are read together under the take
+        # locks, in frame order, so the switch falls between two consecutive frames and
+        # the model never goes back and forth across workers. Taking a lock would make
+        # swap wait for the next frame of an idle source.
+        self.inspector = inspector
 
     def run(self, frames: Iterable[Frame]) -> Iterator[Inspection]:
         """Inspect ``frames``; yield one Inspection per frame read, in frame order."""
@@ -170,10 +203,16 @@ class Pipeline:
         for _ in range(self.decode_workers):
             self._put(self._q_in, _Done(failure))
 
-    def _take_queued(self) -> tuple[int, Frame] | _Done | None:
-        return self._get(self._q_in)
+    def _take_queued(self) -> _Prepared | _Done | None:
+        # Frames leave the queue in seq order; binding the inspector in the same critical
+        # section keeps that order for the model too.
+        with self._take_lock:
+            item = self._get(self._q_in)
+            if isinstance(item, tuple):
+                return _Prepared(item[0], item[1], self.inspector, time.perf_counter())
+            return item
 
-    def _take_direct(self) -> tuple[int, Frame] | _Done | None:
+    def _take_direct(self) -> _Prepared | _Done | None:
         with self._source_lock:
             if self._stop.is_set() or self._abort.is_set() or self._exhausted:
                 return _Done()
@@ -187,23 +226,21 @@ class Pipeline:
                 return _Done(e)
             seq = self.counters.frames_in
             self.counters.frames_in += 1
-            return seq, frame
+            return _Prepared(seq, frame, self.inspector, time.perf_counter())
 
-    def _prepare_loop(self, take: Callable[[], tuple[int, Frame] | _Done | None]) -> None:
-        inspector = self.inspector
-        pre = inspector.preprocessor
+    def _prepare_loop(self, take: Callable[[], _Prepared | _Done | None]) -> None:
         while True:
-            item = take()
-            if item is None:
+            prepared = take()
+            if prepared is None:
                 return
-            if isinstance(item, _Done):
-                self._put(self._q_mid, item)
+            if isinstance(prepared, _Done):
+                self._put(self._q_mid, prepared)
                 return
-            seq, frame = item
-            prepared = _Prepared(seq, frame, time.perf_counter())
+            frame, inspector = prepared.frame, prepared.inspector
             try:
                 image = inspector.decode(frame.data) if frame.data is not None else frame.image
                 assert image is not None
+                pre = inspector.preprocessor
                 prepared.fitted = pre.fit(image)
                 prepared.tensor = pre.to_tensor(prepared.fitted)
             except ImageError as e:
@@ -216,8 +253,10 @@ class Pipeline:
 
     def _infer_loop(self) -> None:
         # The bottleneck stage: nothing here but taking a tensor, running the model and
-        # passing the outputs on. Verdicts are made on the caller's thread.
-        run = self.inspector.runtime.run
+        # passing the outputs on. Verdicts are made on the caller's thread. Each frame runs
+        # on the model that prepared it; ``run`` is looked up again only after a swap.
+        inspector = self.inspector
+        run = inspector.runtime.run
         done = 0
         failures: list[BaseException] = []
         while done < self.decode_workers:
@@ -230,6 +269,9 @@ class Pipeline:
                     failures.append(item.failure)
                 continue
             if item.tensor is not None:
+                if item.inspector is not inspector:
+                    inspector = item.inspector
+                    run = inspector.runtime.run
                 try:
                     item.outputs = run(item.tensor)
                 except BaseException as e:  # noqa: BLE001 - carried to the caller's thread, re-raised
@@ -247,9 +289,9 @@ class Pipeline:
             verdict = error_verdict(fid, item.error or "unknown error", 0.0)
         else:
             latency = (item.finished - item.started) * 1000.0
-            m = self.inspector
+            m = item.inspector
             verdict = judge(item.outputs, m.manifest.output, m.decision, fid, latency)
-        return Inspection(item.frame, verdict, item.fitted)
+        return Inspection(item.frame, verdict, item.fitted, item.inspector)
 
     def _ordered(self, heartbeat_s: float | None) -> Iterator[Inspection | None]:
         pending: dict[int, Inspection] = {}

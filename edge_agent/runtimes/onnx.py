@@ -13,6 +13,30 @@ from edge_agent.protocol.manifest import DType, InputSpec
 from edge_agent.runtimes.base import ModelLoadError, RuntimeOptions
 from edge_agent.runtimes.shapes import expected_shape
 
+# onnxruntime raises its own exception classes (not RuntimeError) for a corrupt file, a bad
+# graph or a failing provider; every one of them means "this model cannot be loaded".
+_ORT_LOAD_ERRORS: tuple[type[Exception], ...] = (
+    *(
+        error
+        for name in (
+            "Fail",
+            "InvalidArgument",
+            "NoSuchFile",
+            "NoModel",
+            "EngineError",
+            "RuntimeException",
+            "InvalidProtobuf",
+            "ModelLoaded",
+            "NotImplemented",
+            "InvalidGraph",
+            "EPFail",
+        )
+        if isinstance(error := getattr(ort.capi.onnxruntime_pybind11_state, name, None), type)
+    ),
+    RuntimeError,
+    ValueError,
+)
+
 _ORT_TYPES = {
     "tensor(float)": DType.FLOAT32,
     "tensor(uint8)": DType.UINT8,
@@ -41,7 +65,7 @@ class OnnxRuntime:
         so.log_severity_level = 3
         try:
             self._session = ort.InferenceSession(str(model_path), so, providers=providers)
-        except (ort.capi.onnxruntime_pybind11_state.Fail, RuntimeError, ValueError) as e:
+        except _ORT_LOAD_ERRORS as e:
             raise ModelLoadError(f"{model_path.name}: onnxruntime cannot load it: {e}") from e
         inputs = self._session.get_inputs()
         if len(inputs) != 1:

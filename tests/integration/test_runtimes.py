@@ -111,6 +111,24 @@ def test_manifest_that_does_not_fit_the_model_is_refused(
         Inspector.open(copy)
 
 
+@pytest.mark.parametrize("bundle", BUNDLES, ids=lambda b: b.name)
+@pytest.mark.parametrize("content", [b"not a model" * 100, b"", bytes(range(256)) * 64])
+def test_corrupt_model_file_is_a_model_load_error(
+    tmp_path: Path, bundle: Path, content: bytes
+) -> None:
+    # Hashes match (the bundle is sealed over the corrupt file): only the runtime can tell.
+    from edge_agent.bundle import seal_bundle
+
+    copy = tmp_path / "b"
+    shutil.copytree(bundle, copy)
+    draft = json.loads((copy / "bundle.json").read_text())
+    del draft["files"]
+    (copy / draft["model"]).write_bytes(content)
+    seal_bundle(copy, draft)
+    with pytest.raises(ModelLoadError, match=draft["model"]):
+        Inspector.open(copy)
+
+
 def test_tflite_device_never_loads_onnxruntime() -> None:
     code = (
         "import sys; from edge_agent.inspect import Inspector; "
