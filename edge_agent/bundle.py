@@ -11,8 +11,11 @@ import hashlib
 import json
 import os
 import secrets
+import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from edge_agent.protocol.errors import BundleError, BundleFileError, ManifestError
 from edge_agent.protocol.manifest import (
@@ -132,6 +135,34 @@ def seal_bundle(path: str | os.PathLike[str], draft: dict[str, object]) -> Bundl
     manifest = parse_manifest(json.dumps(raw), source=f"draft for {root}")
     write_atomic(root / MANIFEST_NAME, dump_manifest(manifest))
     return Bundle(root, manifest)
+
+
+def copy_bundle(
+    source: str | os.PathLike[str],
+    dest: str | os.PathLike[str],
+    *,
+    version: str,
+    edit: Callable[[dict[str, Any], Path], None] | None = None,
+) -> Bundle:
+    """Copy the bundle at ``source`` to the new directory ``dest`` as ``version``, re-sealed.
+
+    ``edit(draft, dest)`` may change the manifest draft and the copied files first (tests
+    build faulty candidates this way; a release pipeline re-versions a retrained model).
+
+    Raises:
+        BundleError: ``source`` does not verify, or the edited draft does not validate.
+        FileExistsError: ``dest`` exists.
+    """
+    original = load_bundle(source)
+    target = Path(dest)
+    shutil.copytree(original.path, target)
+    draft: dict[str, Any] = json.loads((target / MANIFEST_NAME).read_text())
+    del draft["files"]
+    draft["version"] = version
+    (target / MANIFEST_NAME).unlink()
+    if edit is not None:
+        edit(draft, target)
+    return seal_bundle(target, draft)
 
 
 def write_atomic(path: Path, data: bytes) -> None:

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -64,6 +64,8 @@ class FirmwareProfile(_Strict):
     threads: Annotated[int, Field(ge=1)]
     decode_workers: Annotated[int, Field(ge=1)] = 1
     memory_budget_mb: Annotated[int, Field(ge=16)]
+    # p99 inference latency a candidate model must stay under in the update health gate.
+    latency_budget_ms: Annotated[float, Field(gt=0)] = 100.0
     evidence: ProfileEvidence
     camera: ProfileCamera
 
@@ -159,6 +161,52 @@ class StorageSection(_Strict):
         return self.state_dir / "evidence"
 
 
+class FleetSection(_Strict):
+    """Model updates from the fleet server over MQTT. Off unless ``broker`` is set."""
+
+    broker: str | None = None  # host:port
+    root_metadata: Path | None = None  # root.json pinned at provisioning
+    tls_ca: Path | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    poll_interval_s: Annotated[float, Field(gt=0)] = 300.0
+    gate_frames: Annotated[int, Field(ge=1)] = 200
+    gate_min_agreement: Annotated[float, Field(ge=0, le=1)] = 0.98
+    gate_timeout_s: Annotated[float, Field(gt=0)] = 600.0
+    gate_max_attempts: Annotated[int, Field(ge=1)] = 3
+    max_bundle_mb: Annotated[int, Field(ge=1)] = 200
+
+    @field_validator("broker")
+    @classmethod
+    def _host_port(cls, broker: str | None) -> str | None:
+        if broker is None:
+            return None
+        host, sep, port = broker.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"must be host:port, got {broker!r}")
+        return broker
+
+    @model_validator(mode="after")
+    def _complete(self) -> FleetSection:
+        if self.broker is not None and self.root_metadata is None:
+            raise ValueError("root_metadata is required when broker is set")
+        tls = (self.tls_ca, self.tls_cert, self.tls_key)
+        if any(tls) and not all(tls):
+            raise ValueError("tls_ca, tls_cert and tls_key go together")
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        return self.broker is not None
+
+    @property
+    def host_port(self) -> tuple[str, int]:
+        if self.broker is None:
+            raise RuntimeError("fleet updates are off: no broker")
+        host, _, port = self.broker.rpartition(":")
+        return host, int(port)
+
+
 class LogSection(_Strict):
     format: Literal["auto", "json", "text"] = "auto"
     level: Literal["debug", "info", "warning", "error"] = "info"
@@ -172,6 +220,7 @@ class AgentConfig(_Strict):
     runtime: RuntimeSection = RuntimeSection()
     thresholds: ThresholdsSection = ThresholdsSection()
     storage: StorageSection = StorageSection()
+    fleet: FleetSection = FleetSection()
     log: LogSection = LogSection()
 
 
@@ -183,7 +232,15 @@ def load_config(path: Path) -> AgentConfig:
     """
     raw = _read_toml(path)
     base = path.resolve().parent
-    for section_name, key in (("model", "bundle"), ("storage", "state_dir")):
+    relative_paths = (
+        ("model", "bundle"),
+        ("storage", "state_dir"),
+        ("fleet", "root_metadata"),
+        ("fleet", "tls_ca"),
+        ("fleet", "tls_cert"),
+        ("fleet", "tls_key"),
+    )
+    for section_name, key in relative_paths:
         section = raw.get(section_name)
         if isinstance(section, dict):
             value = section.get(key)

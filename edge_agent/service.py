@@ -31,6 +31,12 @@ from edge_agent.sinks.evidence import EvidenceStore
 from edge_agent.sinks.evidence_writer import EvidenceWriter
 from edge_agent.sinks.results_db import ResultRecord, ResultsDB
 from edge_agent.sources.base import FrameSource
+from edge_agent.transport import MqttTransport, TlsFiles
+from edge_agent.update.device import FleetLink, open_active_model, open_slots, start_updates
+from edge_agent.update.gate import GateLimits
+from edge_agent.update.manager import UpdateManager, UpdateSettings
+from edge_agent.update.slots import SlotStore
+from edge_agent.update.trust import DeviceFacts
 
 log = logging.getLogger("edge_agent.service")
 
@@ -58,6 +64,9 @@ class Plan:
     evidence_dir: Path
     evidence_quota: dict[str, int]
     camera: tuple[int, int, float, str]
+    runtimes: tuple[str, ...] = ("onnx", "tflite")
+    memory_budget_mb: float = 1024.0
+    latency_budget_ms: float = 100.0
 
 
 def build_plan(cfg: AgentConfig, profile: FirmwareProfile) -> Plan:
@@ -89,26 +98,30 @@ def build_plan(cfg: AgentConfig, profile: FirmwareProfile) -> Plan:
             src.fps or cam.fps,
             src.fourcc or cam.fourcc,
         ),
+        runtimes=tuple(profile.runtimes),
+        memory_budget_mb=float(profile.memory_budget_mb),
+        latency_budget_ms=profile.latency_budget_ms,
     )
 
 
-def open_inspector(plan: Plan) -> Inspector:
-    """Open the bundle's model and apply the device's threshold overrides.
+def open_inspector(plan: Plan, bundle: Path | None = None) -> Inspector:
+    """Open the bundle's model (``bundle``, default the plan's) and apply the device's
+    threshold overrides.
 
     Raises:
         BundleError, ModelLoadError: the bundle or model is unusable (named).
         ConfigError: overridden thresholds contradict each other or the bundle's.
     """
-    inspector = Inspector.open(plan.bundle, plan.runtime_options)
+    inspector = Inspector.open(plan.bundle if bundle is None else bundle, plan.runtime_options)
     if plan.t_fail is not None or plan.t_uncertain is not None:
-        bundle = inspector.manifest.decision
-        t_fail = bundle.t_fail if plan.t_fail is None else plan.t_fail
-        t_uncertain = bundle.t_uncertain if plan.t_uncertain is None else plan.t_uncertain
+        own = inspector.manifest.decision
+        t_fail = own.t_fail if plan.t_fail is None else plan.t_fail
+        t_uncertain = own.t_uncertain if plan.t_uncertain is None else plan.t_uncertain
         if t_uncertain > t_fail:
             inspector.close()
             raise ConfigError(
                 f"[thresholds] t_uncertain {t_uncertain} is above t_fail {t_fail} "
-                f"(bundle {inspector.manifest.id} has {bundle.t_uncertain} / {bundle.t_fail})"
+                f"(bundle {inspector.manifest.id} has {own.t_uncertain} / {own.t_fail})"
             )
         inspector.decision = Decision(t_fail=t_fail, t_uncertain=t_uncertain)
     return inspector
@@ -177,11 +190,56 @@ class Agent:
         if self._source is not None:
             self._source.close()
 
+    def _open_model(self) -> tuple[Inspector, SlotStore | None]:
+        """The model to start with: the active slot's when fleet updates are on."""
+        plan = self.plan
+        if not self.cfg.fleet.enabled:
+            return open_inspector(plan), None
+        slots = open_slots(plan.state_dir, plan.bundle, self.cfg.fleet.max_bundle_mb * 1024 * 1024)
+        inspector, _ = open_active_model(
+            slots, lambda path: open_inspector(plan, path), plan.bundle
+        )
+        return inspector, slots
+
+    def _start_updates(
+        self, slots: SlotStore, pipeline: Pipeline
+    ) -> tuple[UpdateManager, MqttTransport]:
+        plan, fleet = self.plan, self.cfg.fleet
+        host, port = fleet.host_port
+        assert fleet.root_metadata is not None  # checked by FleetSection
+        try:
+            root = fleet.root_metadata.read_bytes()
+        except OSError as e:
+            raise ConfigError(f"[fleet] root_metadata {fleet.root_metadata}: {e}") from e
+        tls = None
+        if fleet.tls_ca is not None and fleet.tls_cert is not None and fleet.tls_key is not None:
+            tls = TlsFiles(fleet.tls_ca, fleet.tls_cert, fleet.tls_key)
+        link = FleetLink(
+            host=host,
+            port=port,
+            tls=tls,
+            root_metadata=root,
+            device=DeviceFacts(plan.device_id, plan.profile, frozenset(plan.runtimes)),
+            state_dir=plan.state_dir,
+            settings=UpdateSettings(
+                gate=GateLimits(
+                    max_latency_ms=plan.latency_budget_ms,
+                    max_memory_mb=plan.memory_budget_mb,
+                    shadow_frames=fleet.gate_frames,
+                    min_agreement=fleet.gate_min_agreement,
+                    timeout_s=fleet.gate_timeout_s,
+                ),
+                poll_interval_s=fleet.poll_interval_s,
+                max_attempts=fleet.gate_max_attempts,
+                max_bundle_bytes=fleet.max_bundle_mb * 1024 * 1024,
+            ),
+        )
+        return start_updates(link, slots, lambda path: open_inspector(plan, path), pipeline.swap)
+
     def run(self) -> int:
         plan = self.plan
         plan.state_dir.mkdir(parents=True, exist_ok=True)
-        inspector = open_inspector(plan)
-        model_id = inspector.manifest.id
+        inspector, slots = self._open_model()
         db = ResultsDB.open_or_recover(
             plan.results_db,
             max_age_s=self.cfg.storage.results_max_age_days * 86400.0,
@@ -205,12 +263,17 @@ class Agent:
         self._source, self._pipeline = source, pipeline
         if self._stopping.is_set():
             self.stop()
+        updates: UpdateManager | None = None
+        transport: MqttTransport | None = None
+        if slots is not None:
+            updates, transport = self._start_updates(slots, pipeline)
+        retired: list[Inspector] = []  # swapped out; closed once the new model answers
         log.info(
             "agent started",
             extra={
                 "event": "started",
                 "device": plan.device_id,
-                "model": model_id,
+                "model": inspector.manifest.id,
                 "runtime": inspector.runtime.name,
                 "provider": inspector.runtime.provider,
                 "source": source.name,
@@ -231,8 +294,17 @@ class Agent:
                 if item is not None:
                     pending[item.frame.frame_id] = item
                     path = evidence.submit(item.frame, item.verdict.outcome.value)
-                    acknowledge(db.add(_record(item, model_id, path)))
+                    acknowledge(db.add(_record(item, path)))
                     summary.add(item)
+                    if updates is not None:
+                        updates.offer(item.frame, item.verdict)
+                    if item.inspector is not None and item.inspector is not inspector:
+                        # The swapped-in model has answered: the old one is idle for good.
+                        retired.append(inspector)
+                        inspector = item.inspector
+                        for old in retired:
+                            old.close()
+                        retired.clear()
                 else:
                     acknowledge(db.flush())
                 now = time.monotonic()
@@ -242,24 +314,30 @@ class Agent:
                     next_retention = now + RETENTION_INTERVAL_S
                     db.enforce_retention(time.time())
         finally:
+            if updates is not None:
+                updates.stop()
+            if transport is not None:
+                transport.stop()
             acknowledge(db.flush())
             summary.log(time.monotonic(), pipeline, source, evidence)
             evidence.close()
             db.close()
             source.close()
             inspector.close()
+            if pipeline.inspector is not inspector:
+                pipeline.inspector.close()
             log.info("agent stopped", extra={"event": "stopped", "inspected": summary.total})
         return 0
 
 
-def _record(item: Inspection, model_id: str, evidence: str | None) -> ResultRecord:
+def _record(item: Inspection, evidence: str | None) -> ResultRecord:
     v, frame = item.verdict, item.frame
     return ResultRecord(
         frame_id=frame.frame_id,
         ts=frame.timestamp,
         source=frame.source,
         source_key=frame.key,
-        model=model_id,
+        model=item.model,
         p_defect=None if np.isnan(v.p_defect) else v.p_defect,
         verdict=v.outcome.value,
         latency_ms=v.latency_ms,
