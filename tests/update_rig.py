@@ -183,6 +183,10 @@ class DeviceRig:
         self.line.manager = self.manager
         self.line.start()
         assert wait_for(lambda: len(self.line.results) >= 5, 20), "the line does not run"
+        # The device trusts the current metadata and runs what it is assigned.
+        assert self.run_once() is None
+        self.trust_baseline = self.trust_files()
+        assert self.trust_baseline, "no trusted metadata after the first check"
 
     def _on_event(self, _topic: str, payload: bytes) -> None:
         self.wire_events.append(decode_event(payload))

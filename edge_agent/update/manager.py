@@ -183,17 +183,24 @@ class UpdateManager:
     # -- one update -----------------------------------------------------------------------
 
     def run_once(self) -> Release | None:
-        """One check-and-install pass. Returns the release now active if it changed."""
+        """One check-and-install pass. Returns the release now active if it changed.
+
+        The verified metadata becomes the trusted set only if the pass ends well (the
+        update is active, or there was nothing to do); any refusal leaves the trust state
+        as it was.
+        """
         release: Release | None = None
         try:
             now = self.state.trusted_now()
             release = self.trust.check(
-                now, dict(self.state.state.counters), dict(self.state.state.blocklist)
+                now,
+                dict(self.state.state.counters),
+                dict(self.state.state.blocklist),
+                commit=False,
             )
-            if release is None:
-                return None
             active = self.slots.active()
-            if active is not None and active.sha256 == release.sha256:
+            if release is None or (active is not None and active.sha256 == release.sha256):
+                self.trust.commit()
                 return None
             if release.length > self.settings.max_bundle_bytes:
                 raise TrustError(
@@ -203,8 +210,12 @@ class UpdateManager:
                 )
             self._install(release)
         except UpdateError as e:
+            self.trust.discard()
             self._report_failure(e, release)
             return None
+        except BaseException:
+            self.trust.discard()
+            raise
         return release
 
     def _install(self, release: Release) -> None:
@@ -231,6 +242,7 @@ class UpdateManager:
         attempts = self.state.begin_attempt(release.sha256, release.path)
         self._emit(EventKind.GATE_STARTED, release, figures={"attempt": float(attempts)})
         candidate = self._gate(release, staged.path)
+        self.trust.commit()
         self.slots.activate(staged.slot)
         self._swap(candidate)
         active = self.slots.active()

@@ -215,15 +215,22 @@ class TrustClient:
         self._bootstrap = bootstrap_root
         self._fetcher = fetcher
         self.device = device
+        self._uncommitted: Path | None = None
 
     def check(
         self,
         now: datetime,
         installed_counters: Mapping[str, int],
         blocklist: Mapping[str, str],
+        *,
+        commit: bool = True,
     ) -> Release | None:
         """Refresh metadata at time ``now`` and return the release assigned to this
         device, or None if there is no assignment.
+
+        With ``commit=False`` the verified metadata is kept aside until ``commit`` (the
+        update was installed, or there was nothing to install) or ``discard`` (the update
+        was refused later: bad bytes, failed gate); the trust state changes only then.
 
         ``now`` is the device's trusted time (never earlier than any time it has seen),
         used for every expiry check instead of the wall clock.
@@ -233,14 +240,31 @@ class TrustClient:
                 only metadata that verified).
             TransferError: TRANSPORT when the server did not answer.
         """
+        self.discard()
         work = self._begin()
         try:
             release = self._check_in(work, now, installed_counters, blocklist)
         except BaseException:
             shutil.rmtree(work, ignore_errors=True)
             raise
-        self._commit(work)
+        if commit:
+            self._commit(work)
+        else:
+            self._uncommitted = work
         return release
+
+    def commit(self) -> None:
+        """Make the metadata of the last ``check(commit=False)`` the trusted set."""
+        work, self._uncommitted = self._uncommitted, None
+        if work is None:
+            raise RuntimeError("nothing to commit: call check(commit=False) first")
+        self._commit(work)
+
+    def discard(self) -> None:
+        """Drop the metadata of the last ``check(commit=False)``; the trust state stays."""
+        work, self._uncommitted = self._uncommitted, None
+        if work is not None:
+            shutil.rmtree(work, ignore_errors=True)
 
     def trusted_dir(self) -> Path | None:
         """The directory holding the trusted metadata, or None before the first check."""
@@ -263,7 +287,7 @@ class TrustClient:
         self.trust_dir.mkdir(parents=True, exist_ok=True)
         trusted = self.trusted_dir()
         for stale in self.trust_dir.glob("gen-*"):
-            if stale != trusted:  # left by a crash before a commit
+            if stale not in (trusted, self._uncommitted):  # left by a crash before a commit
                 shutil.rmtree(stale, ignore_errors=True)
         generation = 1 if trusted is None else int(trusted.name.removeprefix("gen-")) + 1
         work = self.trust_dir / f"gen-{generation}"

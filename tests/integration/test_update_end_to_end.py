@@ -27,6 +27,8 @@ def rig(mosquitto: MosquittoBroker, tmp_path: Path) -> Iterator[DeviceRig]:
 
 
 def assert_old_model_serves(rig: DeviceRig) -> None:
+    """Refused: the old model keeps serving, and the trust state is what it was."""
+    assert rig.trust_files() == rig.trust_baseline, "a refused update changed the trust state"
     assert rig.active_version() == "1"
     assert rig.serving("1")
     assert rig.line.errors() == 0
@@ -75,7 +77,6 @@ def test_notify_triggers_a_check(rig: DeviceRig) -> None:
 
 
 def test_13_replayed_old_notify_changes_nothing(rig: DeviceRig) -> None:
-    assert rig.run_once() is None  # the device trusts the current metadata
     before = rig.trust_files()
     events = len(rig.manager.events)
     rig.offer_version("2", counter=2)  # published, but the broker replays an old notify
@@ -241,7 +242,8 @@ def test_26_gate_limits(
 def test_27_repeated_crash_during_gate_rolls_back(rig: DeviceRig) -> None:
     # Crashes are simulated by what a crash leaves: the attempt counted before the gate.
     path = rig.offer_version("2", counter=2)
-    release = rig.trust.check(rig.state.trusted_now(), rig.state.state.counters, {})
+    release = rig.trust.check(rig.state.trusted_now(), rig.state.state.counters, {}, commit=False)
+    rig.trust.discard()
     assert release is not None and release.path == path
     for _ in range(3):
         rig.state.begin_attempt(release.sha256, release.path)
