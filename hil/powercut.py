@@ -12,7 +12,7 @@ checks that:
 
 Prints ``{"runs": N, "bricked": 0, "finished": ...}`` (more with ``--json``).
 
-Usage: hil/powercut.py --runs N [--json] [--seed S] [--keep DIR]
+Usage: hil/powercut.py --runs N [--json] [--seed S] [--keep DIR] [--gate-crash-loop]
 """
 
 from __future__ import annotations
@@ -55,6 +55,7 @@ PHASES: dict[str, tuple[EventKind, float]] = {
     "gate": (EventKind.GATE_STARTED, 0.6),
     "switch": (EventKind.GATE_PASSED, 0.01),
 }
+GATE_MAX_ATTEMPTS = 3
 START_TIMEOUT_S = 40.0
 FINISH_TIMEOUT_S = 60.0
 
@@ -207,7 +208,7 @@ root_metadata = "{repo / "metadata" / "1.root.json"}"
 poll_interval_s = 2
 gate_frames = 20
 gate_timeout_s = 30
-gate_max_attempts = 3
+gate_max_attempts = {GATE_MAX_ATTEMPTS}
 
 [log]
 format = "json"
@@ -218,86 +219,94 @@ summary_interval_s = 60
     return config
 
 
-def run(runs: int, seed: int, work: Path, progress: bool) -> dict[str, object]:
-    rng = random.Random(seed)
-    keys, repo = work / "keys", work / "repo"
-    fleet("keys", "init", "--keys", str(keys), "--repo", str(repo))
-    name = load_bundle(FACTORY).manifest.name
-    with MosquittoBroker() as broker:
-        server = subprocess.Popen(
+class Plant:
+    """Broker, fleet server, event observer and one agent process, in ``work``."""
+
+    def __init__(self, work: Path) -> None:
+        self.work = work
+        self.keys, self.repo = work / "keys", work / "repo"
+        self.name = load_bundle(FACTORY).manifest.name
+        fleet("keys", "init", "--keys", str(self.keys), "--repo", str(self.repo))
+        self.broker = MosquittoBroker()
+        self.broker.start()
+        self.server = subprocess.Popen(
             [
                 bin_path("fleet-server"),
                 "serve",
                 "--repo",
-                str(repo),
+                str(self.repo),
                 "--keys",
-                str(keys),
+                str(self.keys),
                 "--broker",
-                f"{broker.host}:{broker.port}",
+                f"{self.broker.host}:{self.broker.port}",
             ],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=(work / "fleet-server.log").open("w"),
             start_new_session=True,
         )
-        events = Events(broker)
-        agent = Agent(write_config(work, broker, repo), work / "agent.log")
-        bricked: list[dict[str, object]] = []
-        finished = 0
-        phases = {phase: 0 for phase in PHASES}
-        started = time.monotonic()
-        try:
-            agent.start()
-            if agent.wait_started(START_TIMEOUT_S) is None:
-                raise SystemExit(f"powercut: the agent did not start; see {agent.log}")
-            for index in range(runs):
-                version = f"2.0.{index}"
-                bundle = copy_bundle(FACTORY, work / "bundles" / version, version=version)
-                fleet("release", str(bundle.path), "--repo", str(repo), "--keys", str(keys))
-                target = f"models/{name}-{version}.tar"
-                since = events.count()
-                fleet(
-                    "assign",
-                    DEVICE,
-                    f"{name}@{version}",
-                    "--repo",
-                    str(repo),
-                    "--keys",
-                    str(keys),
-                    "--profile",
-                    PROFILE,
-                )
-                phase = list(PHASES)[index % len(PHASES)]
-                kind, spread = PHASES[phase]
-                armed = events.wait(kind, target, since, FINISH_TIMEOUT_S)
-                time.sleep(rng.uniform(0.0, spread))
-                agent.kill()
-                phases[phase] += int(armed)
-                consistent = slot_state(work / "device")
-                agent.start()
-                model = agent.wait_started(START_TIMEOUT_S)
-                if consistent is None or model is None:
-                    bricked.append(
-                        {"run": index, "phase": phase, "slot": consistent, "model": model}
-                    )
-                    agent.kill()
-                    agent.start()
-                    agent.wait_started(START_TIMEOUT_S)
-                done = events.wait(EventKind.ACTIVATED, target, since, FINISH_TIMEOUT_S)
-                finished += int(done and slot_state(work / "device") == version)
-                shutil.rmtree(bundle.path)
-                if progress:
-                    print(
-                        f"run {index + 1}/{runs}: killed after {kind.value} "
-                        f"({'seen' if armed else 'not seen'}), came back with {model}, "
-                        f"update {'finished' if done else 'not finished'}",
-                        file=sys.stderr,
-                    )
-        finally:
-            agent.stop()
-            events.transport.stop()
-            server.terminate()
-            server.wait(timeout=15)
+        self.events = Events(self.broker)
+        self.agent = Agent(write_config(work, self.broker, self.repo), work / "agent.log")
+        self.agent.start()
+        if self.agent.wait_started(START_TIMEOUT_S) is None:
+            self.close()
+            raise SystemExit(f"powercut: the agent did not start; see {self.agent.log}")
+
+    def publish(self, version: str) -> tuple[str, int]:
+        """Release and assign ``version``; return its target and the event count before."""
+        bundle = copy_bundle(FACTORY, self.work / "bundles" / version, version=version)
+        keys = ("--repo", str(self.repo), "--keys", str(self.keys))
+        fleet("release", str(bundle.path), *keys)
+        since = self.events.count()
+        fleet("assign", DEVICE, f"{self.name}@{version}", *keys, "--profile", PROFILE)
+        shutil.rmtree(bundle.path)
+        return f"models/{self.name}-{version}.tar", since
+
+    def restart(self) -> tuple[str | None, str | None]:
+        """SIGKILL the agent, look at the slot store, start it again.
+
+        Returns (active version on disk, model the agent started with); None means broken.
+        """
+        self.agent.kill()
+        consistent = slot_state(self.work / "device")
+        self.agent.start()
+        return consistent, self.agent.wait_started(START_TIMEOUT_S)
+
+    def close(self) -> None:
+        self.agent.stop()
+        self.events.transport.stop()
+        self.server.terminate()
+        self.server.wait(timeout=15)
+        self.broker.close()
+
+
+def run_powercuts(plant: Plant, runs: int, seed: int, progress: bool) -> dict[str, object]:
+    rng = random.Random(seed)
+    bricked: list[dict[str, object]] = []
+    finished = 0
+    phases = dict.fromkeys(PHASES, 0)
+    started = time.monotonic()
+    for index in range(runs):
+        version = f"2.0.{index}"
+        target, since = plant.publish(version)
+        phase = list(PHASES)[index % len(PHASES)]
+        kind, spread = PHASES[phase]
+        armed = plant.events.wait(kind, target, since, FINISH_TIMEOUT_S)
+        time.sleep(rng.uniform(0.0, spread))
+        phases[phase] += int(armed)
+        consistent, model = plant.restart()
+        if consistent is None or model is None:
+            bricked.append({"run": index, "phase": phase, "slot": consistent, "model": model})
+            plant.restart()
+        done = plant.events.wait(EventKind.ACTIVATED, target, since, FINISH_TIMEOUT_S)
+        finished += int(done and slot_state(plant.work / "device") == version)
+        if progress:
+            print(
+                f"run {index + 1}/{runs}: killed after {kind.value} "
+                f"({'seen' if armed else 'not seen'}), came back with {model}, "
+                f"update {'finished' if done else 'not finished'}",
+                file=sys.stderr,
+            )
     return {
         "runs": runs,
         "bricked": len(bricked),
@@ -306,6 +315,43 @@ def run(runs: int, seed: int, work: Path, progress: bool) -> dict[str, object]:
         "bricked_runs": bricked,
         "seconds": round(time.monotonic() - started, 1),
     }
+
+
+def run_gate_crash_loop(plant: Plant, attempts: int) -> dict[str, object]:
+    """Kill the agent during the health gate of the same candidate, again and again: after
+    ``attempts`` (the config's gate_max_attempts) it must roll back and blocklist it."""
+    before = slot_state(plant.work / "device")
+    target, since = plant.publish("9.9.9")
+    crashes = 0
+    bricked = 0
+    for _ in range(attempts):
+        if not plant.events.wait(EventKind.GATE_STARTED, target, since, FINISH_TIMEOUT_S):
+            break
+        since = plant.events.count()
+        consistent, model = plant.restart()
+        crashes += 1
+        bricked += int(consistent is None or model is None)
+    rolled_back = plant.events.wait(EventKind.ROLLED_BACK, target, since, FINISH_TIMEOUT_S)
+    return {
+        "crashes": crashes,
+        "bricked": bricked,
+        "rolled_back": rolled_back,
+        "active_before": before,
+        "active_after": slot_state(plant.work / "device"),
+    }
+
+
+def run(
+    runs: int, seed: int, work: Path, progress: bool, gate_crash_loop: bool
+) -> dict[str, object]:
+    plant = Plant(work)
+    try:
+        result = run_powercuts(plant, runs, seed, progress)
+        if gate_crash_loop:
+            result["gate_crash_loop"] = run_gate_crash_loop(plant, GATE_MAX_ATTEMPTS)
+    finally:
+        plant.close()
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -317,20 +363,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=1, help="random seed for kill moments")
     parser.add_argument("--json", action="store_true", help="print the full result as JSON")
     parser.add_argument("--keep", type=Path, help="work in this directory and keep it")
+    parser.add_argument(
+        "--gate-crash-loop",
+        action="store_true",
+        help="afterwards, kill the agent in the health gate of one candidate until it rolls back",
+    )
     args = parser.parse_args(argv)
     if args.runs < 1:
         parser.error("--runs must be >= 1")
     if args.keep is not None:
         args.keep.mkdir(parents=True, exist_ok=True)
-        result = run(args.runs, args.seed, args.keep, progress=not args.json)
+        result = run(args.runs, args.seed, args.keep, not args.json, args.gate_crash_loop)
     else:
         with tempfile.TemporaryDirectory(prefix="powercut-") as work:
-            result = run(args.runs, args.seed, Path(work), progress=not args.json)
+            result = run(args.runs, args.seed, Path(work), not args.json, args.gate_crash_loop)
     if args.json:
         print(json.dumps(result, indent=2))
     else:
         print(json.dumps({k: result[k] for k in ("runs", "bricked", "finished")}))
-    return 0 if result["bricked"] == 0 else 1
+    loop = result.get("gate_crash_loop")
+    loop_ok = not isinstance(loop, dict) or (loop["rolled_back"] and loop["bricked"] == 0)
+    return 0 if result["bricked"] == 0 and loop_ok else 1
 
 
 if __name__ == "__main__":

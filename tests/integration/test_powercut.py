@@ -1,4 +1,5 @@
-"""The power-cut harness, short: SIGKILL a real agent process at each update phase."""
+"""The power-cut harness, short: SIGKILL a real agent process at each update phase, then
+repeatedly in one candidate's health gate (it must roll back)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ def test_agent_survives_sigkill_at_every_update_phase(tmp_path: Path) -> None:
             "--runs",
             str(runs),
             "--json",
+            "--gate-crash-loop",
             "--keep",
             str(tmp_path),
         ],
@@ -33,3 +35,8 @@ def test_agent_survives_sigkill_at_every_update_phase(tmp_path: Path) -> None:
     assert result["bricked"] == 0, result["bricked_runs"]
     assert result["finished"] == runs, (tmp_path / "agent.log").read_text()[-4000:]
     assert sum(result["killed_after_phase"].values()) >= runs - 1
+    # Killed in the health gate of one candidate until the agent gives up on it.
+    loop = result["gate_crash_loop"]
+    assert loop["crashes"] == 3 and loop["bricked"] == 0
+    assert loop["rolled_back"] is True
+    assert loop["active_after"] == loop["active_before"]
