@@ -10,13 +10,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import secrets
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from edge_agent.durable import write_atomic
 from edge_agent.protocol.errors import BundleError, BundleFileError, ManifestError
 from edge_agent.protocol.manifest import (
     MANIFEST_NAME,
@@ -163,25 +163,3 @@ def copy_bundle(
     if edit is not None:
         edit(draft, target)
     return seal_bundle(target, draft)
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically: temp file, fsync, rename, fsync directory."""
-    # A unique name (threads may write the same path) created with the umask's mode,
-    # unlike mkstemp, which would make every file private.
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)

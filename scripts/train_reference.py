@@ -49,11 +49,12 @@ from reference_net import (
     to_batch,
 )
 
-from edge_agent.bundle import seal_bundle, write_atomic
+from edge_agent.bundle import seal_bundle
 from edge_agent.core.features import build_reference_profile, image_features
 from edge_agent.core.preprocess import Preprocessor
 from edge_agent.core.synthetic import DEFECT_KINDS, NO_DEFECT, LineConditions, render_item
 from edge_agent.core.verdict import Outcome
+from edge_agent.durable import write_atomic
 from edge_agent.inspect import Inspector
 from edge_agent.protocol.manifest import InputSpec
 

@@ -23,6 +23,8 @@ from types import TracebackType
 
 import pytest
 
+from edge_agent.transport import MqttTransport
+
 MOSQUITTO = "/usr/sbin/mosquitto"
 
 
@@ -156,6 +158,14 @@ class MosquittoBroker:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+def connect(broker: MosquittoBroker, client_id: str) -> MqttTransport:
+    """A started transport to ``broker``, connected (or the test fails)."""
+    transport = MqttTransport(host=broker.host, port=broker.port, client_id=client_id)
+    transport.start()
+    assert transport.wait_connected(5), f"{client_id} cannot connect to the broker"
+    return transport
 
 
 @pytest.fixture(name="mosquitto")

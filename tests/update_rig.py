@@ -22,7 +22,6 @@ from edge_agent.pipeline import Inspection, Pipeline
 from edge_agent.protocol import topics
 from edge_agent.protocol.events import EventKind, UpdateEvent, decode_event
 from edge_agent.sources.synthetic import SyntheticLine
-from edge_agent.transport import MqttTransport
 from edge_agent.update.download import BundleDownloader
 from edge_agent.update.gate import GateLimits
 from edge_agent.update.manager import UpdateManager, UpdateSettings
@@ -33,7 +32,7 @@ from edge_agent.update.trust import DeviceFacts, Release, TrustClient
 from edge_agent.update.unpack import pack_bundle
 from tests.fleet_simulator import FleetSimulator, TamperingChunkServer, wait_for
 from tests.integration.reference import ONNX_BUNDLE, UNSEEN_SEED
-from tests.mqtt_broker import MosquittoBroker
+from tests.mqtt_broker import MosquittoBroker, connect
 
 DEVICE = "dev-1"
 PROFILE = "x86-generic"
@@ -60,13 +59,6 @@ def tar_bytes(bundle_dir: Path) -> bytes:
     out = bundle_dir.with_suffix(".tar")
     pack_bundle(bundle_dir, out)
     return out.read_bytes()
-
-
-def connect(broker: MosquittoBroker, client_id: str) -> MqttTransport:
-    transport = MqttTransport(host=broker.host, port=broker.port, client_id=client_id)
-    transport.start()
-    assert transport.wait_connected(5)
-    return transport
 
 
 @dataclass

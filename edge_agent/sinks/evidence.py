@@ -38,7 +38,7 @@ import cv2
 import numpy as np
 import numpy.typing as npt
 
-from edge_agent.bundle import write_atomic
+from edge_agent.durable import write_atomic
 
 _NAME = re.compile(r"(\d+)-(\d+)\.jpg")
 _DAY = re.compile(r"\d{8}")

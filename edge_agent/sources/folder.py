@@ -26,7 +26,6 @@ Contract:
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import stat
@@ -38,6 +37,7 @@ from pathlib import Path
 
 from edge_agent.core.decode import DEFAULT_MAX_BYTES
 from edge_agent.core.frame import Frame
+from edge_agent.durable import fsync_dir, write_atomic
 from edge_agent.sources.base import SourceCounters
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
@@ -310,7 +310,7 @@ class FolderSource:
         )
         try:
             dest = self._move(file.path, ERROR_DIR)
-            _write_atomically(dest.with_name(dest.name + REASON_SUFFIX), reason + "\n")
+            write_atomic(dest.with_name(dest.name + REASON_SUFFIX), (reason + "\n").encode())
         except OSError as e:
             self._warn(file, "cannot move rejected file to error/", e)
             self._given_up[file.name] = file.ident
@@ -331,33 +331,6 @@ class FolderSource:
             n += 1
             dest = dest_dir / f"{stem}~{n}{suffix}"
         os.replace(path, dest)
-        _fsync_dir(dest_dir)
-        _fsync_dir(self.inbox)
+        fsync_dir(dest_dir)
+        fsync_dir(self.inbox)
         return dest
-
-
-def _fsync_dir(path: Path) -> None:
-    if os.name == "nt":  # directories cannot be opened on Windows; NTFS journals renames
-        return
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    except OSError as e:
-        if e.errno != errno.EINVAL:  # EINVAL: this file system cannot sync directories
-            raise
-    finally:
-        os.close(fd)
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    """Temp file in the same directory, write, fsync, replace, fsync the directory."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    _fsync_dir(path.parent)

@@ -33,7 +33,8 @@ from typing import Annotated, Final, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from edge_agent.bundle import Bundle, load_bundle, write_atomic
+from edge_agent.bundle import Bundle, load_bundle
+from edge_agent.durable import fsync_dir, write_atomic
 from edge_agent.protocol.errors import BundleError
 from edge_agent.update.errors import InstallError, Reason
 from edge_agent.update.unpack import unpack_bundle
@@ -234,11 +235,11 @@ class SlotStore:
         # The record goes first: from here on the slot counts as empty.
         if record_path.exists():
             record_path.unlink()
-            _fsync_dir(self._slots_dir)
+            fsync_dir(self._slots_dir)
         if slot_dir.exists():
             trash = self.root / f".trash-{secrets.token_hex(6)}"
             slot_dir.rename(trash)
-            _fsync_dir(self._slots_dir)
+            fsync_dir(self._slots_dir)
             shutil.rmtree(trash)
         staging = self.root / f".staging-{secrets.token_hex(6)}"
         try:
@@ -248,8 +249,8 @@ class SlotStore:
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
-        _fsync_dir(self.root)
-        _fsync_dir(self._slots_dir)
+        fsync_dir(self.root)
+        fsync_dir(self._slots_dir)
         record = _SlotRecord(
             target_path=release.target_path,
             sha256=release.sha256,
@@ -329,12 +330,4 @@ def _copy_tree(source: Path, dest: Path) -> None:
             with (target / name).open("rb+") as f:
                 os.fsync(f.fileno())
     for dirpath, _dirnames, _filenames in os.walk(dest, topdown=False):
-        _fsync_dir(Path(dirpath))
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        fsync_dir(Path(dirpath))

@@ -23,7 +23,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from edge_agent.bundle import write_atomic
+from edge_agent.durable import write_atomic
 
 log = logging.getLogger("edge_agent.update")
 

@@ -36,6 +36,7 @@ from tuf.ngclient.config import UpdaterConfig
 from tuf.ngclient.fetcher import FetcherInterface
 from tuf.ngclient.updater import Updater
 
+from edge_agent.durable import fsync_dir
 from edge_agent.update.errors import Reason, TransferError, TrustError
 
 RELEASE_ROLE = "release"
@@ -306,14 +307,14 @@ class TrustClient:
                     os.fsync(fd)
                 finally:
                     os.close(fd)
-        _fsync_dir(work)
+        fsync_dir(work)
         old = self.trusted_dir()
         link = self.trust_dir / "current"
         tmp = self.trust_dir / "current.tmp"
         tmp.unlink(missing_ok=True)
         os.symlink(work.name, tmp)
         os.replace(tmp, link)
-        _fsync_dir(self.trust_dir)
+        fsync_dir(self.trust_dir)
         if old is not None and old != work:
             shutil.rmtree(old, ignore_errors=True)
 
@@ -384,11 +385,3 @@ class TrustClient:
             f.seek(0)
             data: bytes = f.read()
         return data
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

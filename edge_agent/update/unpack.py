@@ -20,6 +20,7 @@ import tarfile
 from pathlib import Path
 from typing import IO, Final
 
+from edge_agent.durable import fsync_dir
 from edge_agent.update.errors import InstallError, Reason
 
 # One path segment: no leading dot (rules out ".", ".." and hidden files), no separators.
@@ -62,7 +63,7 @@ def pack_bundle(bundle_dir: Path, out_tar: Path) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync_dir(out_tar.parent)
+    fsync_dir(out_tar.parent)
 
 
 def _add_member(archive: tarfile.TarFile, name: str, path: Path) -> None:
@@ -145,8 +146,8 @@ def _extract(tar_path: Path, dest: Path, max_bytes: int, max_files: int) -> None
     except (tarfile.TarError, EOFError) as e:
         raise InstallError(Reason.BAD_ARCHIVE, f"{tar_path.name}: not a valid tar: {e}") from e
     for directory in sorted(seen_dirs, key=len, reverse=True):
-        _fsync_dir(dest / directory)
-    _fsync_dir(dest)
+        fsync_dir(dest / directory)
+    fsync_dir(dest)
 
 
 def _write_file(source: IO[bytes], target: Path, size: int, name: str) -> None:
@@ -189,11 +190,3 @@ def _parents(name: str) -> list[str]:
 
 def _bad(name: str, message: str) -> InstallError:
     return InstallError(Reason.BAD_ARCHIVE, f"archive member {name!r}: {message}")
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

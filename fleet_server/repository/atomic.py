@@ -10,6 +10,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from edge_agent import durable
+
 # Published files are served to devices: world-readable (mkstemp would make them 0600).
 _PUBLISHED_MODE = 0o644
 
@@ -32,25 +34,6 @@ def stage_copy(source: Path, directory: Path) -> Path:
 
 
 def write_atomic(path: Path, data: bytes) -> None:
-    """Temp file in the same directory, write, fsync, os.replace, fsync the directory."""
+    """Publish ``data`` at ``path`` atomically, world-readable."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-    try:
-        with os.fdopen(fd, "wb") as out:
-            os.fchmod(out.fileno(), _PUBLISHED_MODE)
-            out.write(data)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
-
-
-def fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    durable.write_atomic(path, data, mode=_PUBLISHED_MODE)

@@ -16,6 +16,7 @@ from cryptography.hazmat.primitives.serialization import load_pem_private_key
 # resolved types are the real ones.
 from securesystemslib.signer import CryptoSigner, Signer  # type: ignore[attr-defined]
 
+from edge_agent.durable import fsync_dir
 from fleet_server.repository.errors import RepositoryError
 
 # Role name -> number of keys (ADR 6). "targets" is the thin offline top-level role that only
@@ -57,7 +58,7 @@ def init_keys(key_dir: Path) -> None:
         for index in range(1, count + 1):
             signer = CryptoSigner.generate_ed25519()
             _write_private_file(key_dir / f"{role}-{index}.pem", signer.private_bytes)
-    _fsync_dir(key_dir)
+    fsync_dir(key_dir)
 
 
 def load_signers(key_dir: Path, role: str) -> list[Signer]:
@@ -89,11 +90,3 @@ def _write_private_file(path: Path, data: bytes) -> None:
         file.write(data)
         file.flush()
         os.fsync(file.fileno())
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

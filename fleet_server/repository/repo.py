@@ -45,7 +45,8 @@ from tuf.api.metadata import (  # type: ignore[attr-defined]
 from tuf.api.serialization import DeserializationError
 from tuf.api.serialization.json import JSONSerializer
 
-from fleet_server.repository.atomic import fsync_dir, stage_copy, write_atomic
+from edge_agent.durable import fsync_dir
+from fleet_server.repository.atomic import stage_copy, write_atomic
 from fleet_server.repository.errors import RepositoryError
 from fleet_server.repository.keys import load_signers
 from fleet_server.repository.layout import (

@@ -14,7 +14,7 @@ import cv2
 import numpy as np
 import pytest
 
-from edge_agent.bundle import write_atomic
+from edge_agent.durable import write_atomic
 from edge_agent.sinks.evidence import EvidenceStore
 
 T0 = 1_700_000_000.0  # 2023-11-14 22:13:20 UTC

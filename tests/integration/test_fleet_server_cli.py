@@ -30,7 +30,7 @@ from fleet_server.cli import main
 from fleet_server.repository import FleetRepository, init_keys, release_path
 from fleet_server.serve import FleetPublisher
 from fleet_server.workers.chunk_server import ChunkServer
-from tests.mqtt_broker import MosquittoBroker, mosquitto_broker  # noqa: F401
+from tests.mqtt_broker import MosquittoBroker, connect, mosquitto_broker  # noqa: F401
 
 ROOT = Path(__file__).resolve().parents[2]
 ONNX_BUNDLE = ROOT / "models" / "reference-onnx"
@@ -352,13 +352,6 @@ class Served:
     device: MqttTransport
 
 
-def _transport(broker: MosquittoBroker, client_id: str) -> MqttTransport:
-    transport = MqttTransport(host=broker.host, port=broker.port, client_id=client_id)
-    transport.start()
-    assert transport.wait_connected(5)
-    return transport
-
-
 def _wait_for(condition: Callable[[], bool], timeout: float = 5.0) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
@@ -376,7 +369,7 @@ def served(mosquitto: MosquittoBroker, tmp_path: Path) -> Iterator[Served]:
     repo = FleetRepository(dirs.metadata, dirs.keys, dirs.targets)
     repo.create(now=start)
     clock = Clock(start)
-    server = _transport(mosquitto, "fleet-server")
+    server = connect(mosquitto, "fleet-server")
     ChunkServer(server, dirs.metadata, dirs.targets)
     publisher = FleetPublisher(
         server, repo, clock=clock, poll_interval_s=0.02, refresh_interval_s=0.02
@@ -388,7 +381,7 @@ def served(mosquitto: MosquittoBroker, tmp_path: Path) -> Iterator[Served]:
     try:
         _wait_for(lambda: publisher.announced_version == 1)
         # Subscribing after the publish: only a retained notify can reach this device.
-        device = _transport(mosquitto, DEVICE)
+        device = connect(mosquitto, DEVICE)
         notifies: queue.Queue[int] = queue.Queue()
         device.subscribe(topics.NOTIFY, lambda _t, payload: notifies.put(decode_notify(payload)))
         yield Served(dirs, repo, publisher, clock, notifies, device)
@@ -498,7 +491,7 @@ def test_online_roles_are_resigned_and_offline_ones_reported(served: Served) -> 
 def test_serve_entry_point_notifies_and_stops_on_sigterm(
     mosquitto: MosquittoBroker, dirs: Dirs
 ) -> None:
-    listener = _transport(mosquitto, "listener")
+    listener = connect(mosquitto, "listener")
     notifies: queue.Queue[bytes] = queue.Queue()
     listener.subscribe(topics.NOTIFY, lambda _t, payload: notifies.put(payload))
     broker = f"{mosquitto.host}:{mosquitto.port}"

@@ -26,7 +26,7 @@ from edge_agent.transport import MqttTransport
 from edge_agent.update.mqtt_fetcher import MqttFetcher
 from fleet_server.repository import FleetRepository, init_keys, release_path
 from fleet_server.workers.chunk_server import ChunkServer
-from tests.mqtt_broker import MosquittoBroker, mosquitto_broker  # noqa: F401
+from tests.mqtt_broker import MosquittoBroker, connect, mosquitto_broker  # noqa: F401
 
 DEVICE = "dev-1"
 MODEL = release_path("defect", "1.0.0")
@@ -46,13 +46,6 @@ def _now() -> datetime:
     return datetime.now(timezone.utc)
 
 
-def _transport(broker: MosquittoBroker, client_id: str) -> MqttTransport:
-    transport = MqttTransport(host=broker.host, port=broker.port, client_id=client_id)
-    transport.start()
-    assert transport.wait_connected(5)
-    return transport
-
-
 @pytest.fixture
 def repo(tmp_path: Path) -> FleetRepository:
     init_keys(tmp_path / "keys")
@@ -69,8 +62,8 @@ def repo(tmp_path: Path) -> FleetRepository:
 
 @pytest.fixture
 def fleet(mosquitto: MosquittoBroker, repo: FleetRepository, tmp_path: Path) -> Iterator[Fleet]:
-    server_transport = _transport(mosquitto, "fleet-server")
-    device_transport = _transport(mosquitto, DEVICE)
+    server_transport = connect(mosquitto, "fleet-server")
+    device_transport = connect(mosquitto, DEVICE)
     server = ChunkServer(server_transport, repo.metadata_dir, repo.targets_dir)
     # The server's SUBSCRIBE travels on another connection than the device's requests:
     # wait until it is in place, or the first request may be lost and wait for a retry.
@@ -161,7 +154,7 @@ def test_server_streaming_past_the_signed_length_is_cut_at_the_cap(fleet: Fleet)
 
 
 def test_no_server_fails_after_retries_in_bounded_time(mosquitto: MosquittoBroker) -> None:
-    transport = _transport(mosquitto, DEVICE)
+    transport = connect(mosquitto, DEVICE)
     try:
         fetcher = MqttFetcher(transport, DEVICE, request_timeout_s=0.2, retries=2)
         started = time.monotonic()

@@ -22,7 +22,7 @@ from edge_agent.update.errors import Reason, TransferError, TrustError, UpdateEr
 from edge_agent.update.mqtt_fetcher import MqttFetcher
 from edge_agent.update.trust import DeviceFacts, Release, TrustClient, parse_assignment
 from tests.fleet_simulator import FleetSimulator, TamperingChunkServer
-from tests.mqtt_broker import MosquittoBroker, mosquitto_broker  # noqa: F401
+from tests.mqtt_broker import MosquittoBroker, connect, mosquitto_broker  # noqa: F401
 
 DEVICE = "dev-1"
 FACTS = DeviceFacts(DEVICE, "x86-generic", frozenset({"onnx", "tflite"}))
@@ -63,21 +63,14 @@ class TrustRig:
         return caught.value
 
 
-def _transport(broker: MosquittoBroker, client_id: str) -> MqttTransport:
-    transport = MqttTransport(host=broker.host, port=broker.port, client_id=client_id)
-    transport.start()
-    assert transport.wait_connected(5)
-    return transport
-
-
 @pytest.fixture
 def rig(mosquitto: MosquittoBroker, tmp_path: Path) -> Iterator[TrustRig]:
     sim = FleetSimulator(tmp_path / "served")
     v1 = sim.add_release("defect", "1", BUNDLE_V1, counter=1)
     sim.assign(DEVICE, v1)
     sim.publish()
-    server_transport = _transport(mosquitto, "fleet-server")
-    device_transport = _transport(mosquitto, DEVICE)
+    server_transport = connect(mosquitto, "fleet-server")
+    device_transport = connect(mosquitto, DEVICE)
     server = TamperingChunkServer(server_transport, sim.metadata_dir, sim.targets_dir)
     fetcher = MqttFetcher(device_transport, DEVICE, request_timeout_s=0.5, retries=2)
     probe = MqttFetcher(device_transport, DEVICE, request_timeout_s=0.1, retries=50)

@@ -16,8 +16,8 @@ from edge_agent.bundle import (
     load_bundle,
     seal_bundle,
     sha256_file,
-    write_atomic,
 )
+from edge_agent.durable import write_atomic
 from edge_agent.protocol.errors import BundleError, BundleFileError, ManifestError
 from edge_agent.protocol.manifest import MANIFEST_NAME, dump_manifest
 
