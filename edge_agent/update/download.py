@@ -12,7 +12,8 @@ The bitmap is only ever replaced atomically and only after the data it claims wa
 fdatasync'ed, so after a kill -9 or a power loss it never claims a chunk that is not on
 disk; a later `BundleDownloader.download` asks only for the chunks it does not claim. A
 bitmap whose length or chunk size differs, or a ``.part`` of the wrong size, starts over.
-When every chunk is present the whole file is hashed; a match is renamed to
+When every chunk is present the whole file is hashed (the chunks this call wrote in order
+from offset 0 are hashed as they are written, the rest is read back); a match is renamed to
 ``<sha256>.tar``, a mismatch deletes the partial files.
 """
 
@@ -34,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-from edge_agent.bundle import write_atomic
+from edge_agent.durable import write_atomic
 from edge_agent.protocol.fetch_wire import (
     CHUNK_SIZE,
     FetchAnswer,
@@ -50,12 +51,14 @@ Progress = Callable[[int, int], None]
 
 FLUSH_CHUNKS: Final = 64  # persist the bitmap after this many new chunks ...
 FLUSH_INTERVAL_S: Final = 0.5  # ... or this long after the last flush
+WRITE_CHUNKS: Final = 16  # accepted chunks are written in batches of this many (1 MiB)
 PROGRESS_INTERVAL_S: Final = 0.25
 _BITMAP_MAGIC: Final = b"EFB1"
 _BITMAP_HEADER: Final = struct.Struct(">4sQI")
 _SHA256_RE: Final = re.compile(r"[0-9a-f]{64}")
 _NO_SPACE: Final = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 _HASH_BLOCK: Final = 1 << 20
+_MAX_IOV: Final = 256  # buffers per pwritev, well under IOV_MAX
 
 
 @dataclass(slots=True)
@@ -126,6 +129,10 @@ class _PartFile:
         self.bitmap_path = work_dir / f"{sha256}.bitmap"
         self.chunks = _Chunks(length)
         self._fd = -1
+        # The file's hash so far: chunks written in order from offset 0 are hashed from
+        # memory as they are written; `sha256` reads only what lies beyond from disk.
+        self._digest = hashlib.sha256()
+        self._hashed = 0
         self.unflushed = 0
         self.flushed_at = time.monotonic()
 
@@ -159,20 +166,37 @@ class _PartFile:
             self.close()
             raise
 
-    def write(self, index: int, data: bytes) -> None:
-        """Write chunk `index` (already checked to be the right size) at its offset."""
-        view = memoryview(data)
-        offset = index * CHUNK_SIZE
+    def write_many(self, received: list[tuple[int, bytes]]) -> None:
+        """Write chunks ``(index, data)`` (each already checked to be the right size) at
+        their offsets: one ``pwritev`` per run of adjacent chunks, as a syscall releases
+        the GIL and winning it back costs more than the copy."""
+        received.sort(key=lambda item: item[0])
+        start = 0
         try:
-            while view:
-                written = os.pwrite(self._fd, view, offset)
-                view = view[written:]
-                offset += written
+            while start < len(received):
+                end = start + 1
+                while (
+                    end < len(received)
+                    and end - start < _MAX_IOV
+                    and received[end][0] == received[end - 1][0] + 1
+                ):
+                    end += 1
+                buffers = [data for _, data in received[start:end]]
+                offset = received[start][0] * CHUNK_SIZE
+                _pwrite_all(self._fd, buffers, offset)
+                if offset == self._hashed:
+                    # One update per run: each call releases and re-takes the GIL.
+                    run = buffers[0] if len(buffers) == 1 else b"".join(buffers)
+                    self._digest.update(run)
+                    self._hashed += len(run)
+                # Only what is written may be claimed by a later flush.
+                for index, _ in received[start:end]:
+                    self.chunks.add(index)
+                self.unflushed += end - start
+                start = end
         except OSError as e:
             self._fail_on_full_disk(e)
             raise
-        self.chunks.add(index)
-        self.unflushed += 1
 
     def flush(self) -> bool:
         """Make the data durable, then the bitmap that claims it. True if anything was new."""
@@ -189,8 +213,8 @@ class _PartFile:
         return True
 
     def sha256(self) -> str:
-        digest = hashlib.sha256()
-        offset = 0
+        digest = self._digest.copy()
+        offset = self._hashed
         while offset < self.chunks.length:
             block = os.pread(self._fd, min(_HASH_BLOCK, self.chunks.length - offset), offset)
             if not block:
@@ -257,7 +281,7 @@ class BundleDownloader:
         device_id: str,
         work_dir: Path,
         *,
-        window: int = 16,
+        window: int = 32,
         request_timeout_s: float = 2.0,
         retries: int = 5,
         min_bytes_per_s: float = 64 * 1024,
@@ -379,10 +403,25 @@ class BundleDownloader:
             if not self._router.send(FetchRequest(request_id, wire_path, index * CHUNK_SIZE, size)):
                 self._logger.debug("request for %s chunk %d not queued (offline)", wire_path, index)
 
+        def refill() -> None:
+            while todo and len(inflight) < self._window:
+                send(todo.popleft(), 0)
+
+        # Accepted chunks wait here for one write per run of adjacent chunks; only written
+        # chunks can be claimed by the bitmap.
+        unwritten: list[tuple[int, bytes]] = []
+
+        def write_unwritten() -> None:
+            if not unwritten:
+                return
+            part.write_many(unwritten)
+            self.stats.chunks_received += len(unwritten)
+            self.stats.bytes_received += sum(len(data) for _, data in unwritten)
+            unwritten.clear()
+
         try:
             while todo or inflight:
-                while todo and len(inflight) < self._window:
-                    send(todo.popleft(), 0)
+                refill()
                 now = time.monotonic()
                 if now >= deadline:
                     raise TransferError(
@@ -391,12 +430,23 @@ class BundleDownloader:
                         f"{now - started:.1f} s (budget {budget:.1f} s); resumable",
                     )
                 wake = min(deadline, *(p.expires for p in inflight.values()))
+                # Everything that has arrived is handled as one batch: the requests that
+                # replace it go out first, then one write per run of adjacent chunks.
+                arrived: list[FetchAnswer] = []
                 try:
-                    answer: FetchAnswer | None = answers.get(timeout=max(wake - now, 0.0))
+                    arrived.append(answers.get(timeout=max(wake - now, 0.0)))
+                    while len(arrived) < self._window:
+                        arrived.append(answers.get_nowait())
                 except queue.Empty:
-                    answer = None
-                if answer is not None and self._accept(answer, inflight, part, wire_path):
-                    received += len(answer.data)
+                    pass
+                for answer in arrived:
+                    chunk = self._accept(answer, inflight, part, wire_path)
+                    if chunk is not None:
+                        unwritten.append(chunk)
+                        received += len(chunk[1])
+                refill()
+                if len(unwritten) >= WRITE_CHUNKS or not (todo or inflight):
+                    write_unwritten()
                 now = time.monotonic()
                 for request_id, pending in list(inflight.items()):
                     if pending.expires > now:
@@ -421,6 +471,8 @@ class BundleDownloader:
         finally:
             for request_id in inflight:
                 self._router.unregister(request_id)
+            # Chunks accepted before a failure are kept for a later call.
+            write_unwritten()
 
     def _accept(
         self,
@@ -428,8 +480,9 @@ class BundleDownloader:
         inflight: dict[str, _Pending],
         part: _PartFile,
         wire_path: str,
-    ) -> bool:
-        """Check one answer against its request and write it; True if it added a chunk.
+    ) -> tuple[int, bytes] | None:
+        """Check one answer against its request; ``(chunk index, data)`` to write if it
+        brings a chunk that is neither on disk nor already accepted, else None.
 
         Raises:
             TransferError: TRANSPORT for a refusal, LENGTH_MISMATCH for a wrong total.
@@ -437,7 +490,7 @@ class BundleDownloader:
         pending = inflight.get(answer.id)
         if pending is None:  # answered already (a duplicate), or expired
             self.stats.ignored_answers += 1
-            return False
+            return None
         if answer.status == "not_found":
             raise TransferError(Reason.TRANSPORT, f"the server does not have {wire_path}")
         if answer.status != "ok":
@@ -461,16 +514,15 @@ class BundleDownloader:
                 wire_path,
                 offset,
             )
-            return False
+            return None
         self._router.unregister(answer.id)
         del inflight[answer.id]
+        # A chunk has one request in flight at a time (a retry drops the old id first),
+        # so within a batch no index is accepted twice.
         if chunks.has(pending.index):
             self.stats.ignored_answers += 1
-            return False
-        part.write(pending.index, answer.data)
-        self.stats.chunks_received += 1
-        self.stats.bytes_received += len(answer.data)
-        return True
+            return None
+        return pending.index, answer.data
 
 
 def _read_bitmap(path: Path, length: int | None) -> _Chunks | None:
@@ -492,6 +544,23 @@ def _is_complete(path: Path, length: int, sha256: str) -> bool:
     except FileNotFoundError:
         return False
     return digest.hexdigest() == sha256
+
+
+def _pwrite_all(fd: int, buffers: list[bytes], offset: int) -> None:
+    """Write `buffers` back to back at `offset`, however many calls that takes."""
+    written = os.pwritev(fd, buffers, offset)
+    for buffer in buffers:
+        if written >= len(buffer):
+            written -= len(buffer)
+            offset += len(buffer)
+            continue
+        view = memoryview(buffer)[written:]
+        offset += written
+        written = 0
+        while view:
+            done = os.pwrite(fd, view, offset)
+            view = view[done:]
+            offset += done
 
 
 def _fsync_dir(path: Path) -> None:

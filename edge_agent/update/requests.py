@@ -10,6 +10,7 @@ is that subscriber: `MqttFetcher` (metadata, one chunk at a time) and `BundleDow
 from __future__ import annotations
 
 import logging
+import os
 import secrets
 import threading
 import weakref
@@ -29,9 +30,22 @@ from edge_agent.transport import MqttTransport
 Deliver = Callable[[FetchAnswer], None]
 
 
+_ID_BYTES = 8
+_POOL_IDS = 256  # ids drawn from the OS at once: one getrandom call instead of one per chunk
+_pool = bytearray()
+_pool_lock = threading.Lock()
+# A forked child must not hand out the ids its parent still holds.
+os.register_at_fork(after_in_child=_pool.clear)
+
+
 def new_request_id() -> str:
     """A fresh random correlation id (16 hex digits)."""
-    return secrets.token_hex(8)
+    with _pool_lock:
+        if not _pool:
+            _pool.extend(secrets.token_bytes(_ID_BYTES * _POOL_IDS))
+        drawn = _pool[-_ID_BYTES:]
+        del _pool[-_ID_BYTES:]
+    return drawn.hex()
 
 
 class AnswerRouter:

@@ -10,6 +10,13 @@ a bundle that many devices fetch is read from disk once; a replaced file gets a 
 The inode matters: metadata is replaced atomically (a new inode each time), and a
 re-signed ``timestamp.json`` usually has the same size as the old one and, within the
 filesystem's timestamp granularity, the same mtime.
+
+The symlink check resolves every component of the path (several ``lstat`` calls), which
+cost more than the rest of a cached chunk. So the identity ``(device, inode, mtime_ns,
+size)`` of each file that passed it is remembered per path, and a later request whose one
+``lstat`` of the path still shows a regular file with that identity is served from the
+cache without resolving again: whatever the path goes through now, it reaches the very
+file that was checked, unchanged.
 """
 
 from __future__ import annotations
@@ -33,8 +40,10 @@ from edge_agent.protocol.fetch_wire import (
 from edge_agent.transport import MqttTransport
 
 DEFAULT_CACHE_BYTES = 64 * 1024 * 1024
+VERIFIED_PATHS = 1024  # paths whose checked identity is remembered (LRU)
 
 _CacheKey = tuple[str, int, int, int, int]
+_Identity = tuple[int, int, int, int]  # st_dev, st_ino, st_mtime_ns, st_size
 
 
 class ChunkServer:
@@ -62,6 +71,8 @@ class ChunkServer:
     ) -> None:
         self._transport = transport
         self._roots = {"metadata": metadata_dir.resolve(), "targets": targets_dir.resolve()}
+        self._root_names = {name: str(root) for name, root in self._roots.items()}
+        self._verified: OrderedDict[str, _Identity] = OrderedDict()
         self._logger = logger if logger is not None else logging.getLogger(__name__)
         self._cache_bytes = cache_bytes
         self._cache: OrderedDict[_CacheKey, bytes] = OrderedDict()
@@ -118,6 +129,10 @@ class ChunkServer:
         root = self._roots.get(root_name)
         if root is None:
             return None
+        cached = self._read_verified(path, os.path.join(self._root_names[root_name], relative))
+        if cached is not None:
+            total, whole = cached
+            return total, whole[offset : offset + length]
         candidate = root / relative
         # The wire already refused ".." and absolute paths; a resolved path that differs
         # from the plain join means a symlink somewhere below the root.
@@ -129,6 +144,7 @@ class ChunkServer:
             if not stat.S_ISREG(info.st_mode):
                 raise FileNotFoundError(f"{path} is not a regular file")
             size = info.st_size
+            self._remember(path, (info.st_dev, info.st_ino, info.st_mtime_ns, size))
             if size > self._cache_bytes:
                 with self._lock:
                     self.reads_from_disk += 1
@@ -144,6 +160,33 @@ class ChunkServer:
         finally:
             os.close(fd)
         return size, data[offset : offset + length]
+
+    def _read_verified(self, path: str, candidate: str) -> tuple[int, bytes] | None:
+        """``(size, whole file)`` from the cache if `candidate` is still the file that passed
+        the symlink check for `path`; None when it must be opened and checked again.
+
+        Raises:
+            FileNotFoundError: no such file.
+        """
+        info = os.lstat(candidate)
+        if not stat.S_ISREG(info.st_mode):  # a symlink or a directory: the full check refuses
+            return None
+        identity = (info.st_dev, info.st_ino, info.st_mtime_ns, info.st_size)
+        with self._lock:
+            if self._verified.get(path) != identity:
+                return None
+            data = self._cache.get((path, *identity))
+            if data is None:
+                return None
+            self._cache.move_to_end((path, *identity))
+        return info.st_size, data
+
+    def _remember(self, path: str, identity: _Identity) -> None:
+        with self._lock:
+            self._verified[path] = identity
+            self._verified.move_to_end(path)
+            while len(self._verified) > VERIFIED_PATHS:
+                self._verified.popitem(last=False)
 
     def _store(self, key: _CacheKey, data: bytes) -> None:
         with self._lock:

@@ -33,7 +33,7 @@ from edge_agent.update.errors import Reason, TransferError
 from edge_agent.update.mqtt_fetcher import MqttFetcher
 from edge_agent.update.requests import AnswerRouter
 from fleet_server.workers.chunk_server import ChunkServer
-from tests.mqtt_broker import MosquittoBroker, mosquitto_broker  # noqa: F401
+from tests.mqtt_broker import MosquittoBroker, connect, mosquitto_broker  # noqa: F401
 
 DEVICE = "dev-1"
 TARGET = "models/defect-1.0.0.tar"
@@ -75,13 +75,6 @@ class Link:
         assert self.server_transport.publish(topics.data(DEVICE), encode_answer(answer), qos=0)
 
 
-def _transport(broker: MosquittoBroker, client_id: str) -> MqttTransport:
-    transport = MqttTransport(host=broker.host, port=broker.port, client_id=client_id)
-    transport.start()
-    assert transport.wait_connected(5)
-    return transport
-
-
 @pytest.fixture
 def link(mosquitto: MosquittoBroker, tmp_path: Path) -> Iterator[Link]:
     metadata = tmp_path / "published" / "metadata"
@@ -89,8 +82,8 @@ def link(mosquitto: MosquittoBroker, tmp_path: Path) -> Iterator[Link]:
     metadata.mkdir(parents=True)
     targets.mkdir()
     (metadata / "timestamp.json").write_bytes(b"{}")
-    server_transport = _transport(mosquitto, "fleet-server")
-    device_transport = _transport(mosquitto, DEVICE)
+    server_transport = connect(mosquitto, "fleet-server")
+    device_transport = connect(mosquitto, DEVICE)
     server = ChunkServer(server_transport, metadata, targets)
     # Wait until the server's subscription is in place (it travels on another connection).
     probe = MqttFetcher(device_transport, DEVICE, request_timeout_s=0.1, retries=50)
