@@ -272,6 +272,20 @@ class Plant:
         self.agent.start()
         return consistent, self.agent.wait_started(START_TIMEOUT_S)
 
+    def wait_finished(self, target: str, version: str, since: int) -> bool:
+        """True once ``version`` is the active slot and reported, or active for a while.
+
+        An ``activated`` event published just before a SIGKILL may die with the process
+        (QoS 1 is queued in the agent); the slot pointer on disk is the ground truth.
+        """
+        deadline = time.monotonic() + FINISH_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if slot_state(self.work / "device") == version:
+                return True
+            if self.events.wait(EventKind.ACTIVATED, target, since, 0.2):
+                return slot_state(self.work / "device") == version
+        return False
+
     def close(self) -> None:
         self.agent.stop()
         self.events.transport.stop()
@@ -298,8 +312,8 @@ def run_powercuts(plant: Plant, runs: int, seed: int, progress: bool) -> dict[st
         if consistent is None or model is None:
             bricked.append({"run": index, "phase": phase, "slot": consistent, "model": model})
             plant.restart()
-        done = plant.events.wait(EventKind.ACTIVATED, target, since, FINISH_TIMEOUT_S)
-        finished += int(done and slot_state(plant.work / "device") == version)
+        done = plant.wait_finished(target, version, since)
+        finished += int(done)
         if progress:
             print(
                 f"run {index + 1}/{runs}: killed after {kind.value} "
