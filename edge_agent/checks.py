@@ -46,7 +46,24 @@ def check_config(path: Path) -> CheckReport:
     _check_model(plan, profile, report)
     _check_source(cfg, plan, report)
     _check_storage(plan, report)
+    _check_fleet(cfg, plan, report)
     return report
+
+
+def _check_fleet(cfg: AgentConfig, plan: Plan, report: CheckReport) -> None:
+    fleet = cfg.fleet
+    if not fleet.enabled:
+        report.lines.append("updates     off ([fleet] broker not set)")
+        return
+    root = fleet.root_metadata
+    if root is None or not root.is_file():
+        report.problems.append(f"[fleet] root_metadata: {root} is not a file")
+        return
+    report.lines.append(
+        f"updates     from {fleet.broker}, trust root {root}; gate {fleet.gate_frames} frames, "
+        f"agreement >= {fleet.gate_min_agreement}, p99 <= {plan.latency_budget_ms:g} ms, "
+        f"RSS <= {plan.memory_budget_mb:g} MB"
+    )
 
 
 def _check_model(plan: Plan, profile: FirmwareProfile, report: CheckReport) -> None:

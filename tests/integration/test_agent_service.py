@@ -207,6 +207,22 @@ def test_check_prints_what_would_run(tmp_path: Path, capsys: pytest.CaptureFixtu
     for word in ("model", "runtime", "CPUExecutionProvider", "hot folder", "results", "quota"):
         assert word in out
     assert "golden samples match" in out
+    assert "updates     off" in out
+
+
+def test_check_names_fleet_settings_and_a_missing_trust_root(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = _config(tmp_path, "synthetic:")
+    root = tmp_path / "root.json"
+    fleet = f'\n[fleet]\nbroker = "127.0.0.1:1883"\nroot_metadata = "{root}"\n'
+    config.write_text(config.read_text() + fleet)
+    assert main(["check", "--config", str(config)]) == 1
+    assert f"[fleet] root_metadata: {root} is not a file" in capsys.readouterr().out
+    root.write_text("{}")
+    assert main(["check", "--config", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert "updates     from 127.0.0.1:1883" in out and "p99 <= 50 ms" in out
 
 
 def test_check_reports_every_problem(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
