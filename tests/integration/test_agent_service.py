@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import sqlite3
 import subprocess
@@ -18,6 +17,7 @@ import pytest
 from edge_agent.cli import main
 from edge_agent.core.synthetic import LineConditions, render_item
 from tests.integration.reference import ONNX_BUNDLE, UNSEEN_SEED
+from tests.tmpfs import small_tmpfs
 
 
 def _config(
@@ -176,13 +176,10 @@ def test_sigkill_under_load_then_restart_processes_every_file_once(tmp_path: Pat
     assert sorted(p.name for p in (inbox / "done").iterdir()) == sorted(names)
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
 def test_full_disk_for_evidence_never_stops_inspection(tmp_path: Path) -> None:
     state = tmp_path / "state"
     evidence = state / "evidence"
-    evidence.mkdir(parents=True)
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(evidence)], check=True)
-    try:
+    with small_tmpfs(evidence, "256k"):
         config = _config(
             tmp_path,
             "synthetic:",
@@ -195,8 +192,6 @@ def test_full_disk_for_evidence_never_stops_inspection(tmp_path: Path) -> None:
         assert len(_rows(state / "results.db")) == 300
         disk_errors = [e for e in _events(stderr) if e.get("event") == "evidence_disabled"]
         assert len(disk_errors) == 1, "one clear log line, not one per frame"
-    finally:
-        subprocess.run(["umount", str(evidence)], check=True)
 
 
 def test_check_prints_what_would_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -34,6 +34,7 @@ from edge_agent.update.mqtt_fetcher import MqttFetcher
 from edge_agent.update.requests import AnswerRouter
 from fleet_server.workers.chunk_server import ChunkServer
 from tests.mqtt_broker import MosquittoBroker, connect, mosquitto_broker  # noqa: F401
+from tests.tmpfs import small_tmpfs
 
 DEVICE = "dev-1"
 TARGET = "models/defect-1.0.0.tar"
@@ -427,20 +428,8 @@ def test_duplicated_and_reordered_answers_are_harmless(link: Link) -> None:
     assert downloader.stats.ignored_answers > 0
 
 
-@contextlib.contextmanager
-def _small_tmpfs(where: Path) -> Iterator[Path]:
-    where.mkdir()
-    mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(where)],
-        capture_output=True,
-        check=False,
-    )
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs (needs root): {mounted.stderr.decode().strip()}")
-    try:
-        yield where
-    finally:
-        subprocess.run(["umount", str(where)], check=True)
+def _small_tmpfs(where: Path) -> contextlib.AbstractContextManager[Path]:
+    return small_tmpfs(where, "1m")
 
 
 @contextlib.contextmanager

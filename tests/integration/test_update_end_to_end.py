@@ -18,6 +18,7 @@ from edge_agent.protocol.notify import encode_notify
 from edge_agent.update.errors import Reason
 from tests.fleet_simulator import wait_for
 from tests.mqtt_broker import MosquittoBroker, mosquitto_broker  # noqa: F401
+from tests.tmpfs import small_tmpfs
 from tests.update_rig import DEVICE, MODEL, DeviceRig, device_rig
 
 
@@ -311,20 +312,10 @@ def test_23_duplicated_and_reordered_chunks(rig: DeviceRig) -> None:
 
 
 def test_30_disk_full_during_download(mosquitto: MosquittoBroker, tmp_path: Path) -> None:
-    import subprocess
+    from edge_agent.update.download import BundleDownloader
 
-    small = tmp_path / "small"
-    small.mkdir()
-    mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=300k", "tmpfs", str(small)],
-        check=False,
-        capture_output=True,
-    )
-    assert mounted.returncode == 0, mounted.stderr
-    try:
+    with small_tmpfs(tmp_path / "small", "300k") as small:
         for rig in device_rig(mosquitto, tmp_path, downloader_options={}):
-            from edge_agent.update.download import BundleDownloader
-
             rig.manager.downloader = BundleDownloader(
                 rig.transport, DEVICE, small / "downloads", request_timeout_s=0.5
             )
@@ -333,5 +324,3 @@ def test_30_disk_full_during_download(mosquitto: MosquittoBroker, tmp_path: Path
             assert rig.last(EventKind.REFUSED).reason == Reason.DISK_FULL
             assert not list((small / "downloads").glob("*.part"))
             assert_old_model_serves(rig)
-    finally:
-        subprocess.run(["umount", str(small)], check=False)
