@@ -267,7 +267,6 @@ class Agent:
         transport: MqttTransport | None = None
         if slots is not None:
             updates, transport = self._start_updates(slots, pipeline)
-        retired: list[Inspector] = []  # swapped out; closed once the new model answers
         log.info(
             "agent started",
             extra={
@@ -300,11 +299,8 @@ class Agent:
                         updates.offer(item.frame, item.verdict)
                     if item.inspector is not None and item.inspector is not inspector:
                         # The swapped-in model has answered: the old one is idle for good.
-                        retired.append(inspector)
-                        inspector = item.inspector
-                        for old in retired:
-                            old.close()
-                        retired.clear()
+                        retired, inspector = inspector, item.inspector
+                        retired.close()
                 else:
                     acknowledge(db.flush())
                 now = time.monotonic()

@@ -12,7 +12,6 @@ Role layout (ADR 6): top-level ``targets`` only delegates; ``release`` signs ``m
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 from collections.abc import Callable
@@ -35,11 +34,12 @@ from tuf.api.metadata import (  # type: ignore[attr-defined]
 from tuf.api.serialization.json import JSONSerializer
 
 from edge_agent.protocol.fetch_wire import FetchAnswer
+from edge_agent.protocol.repository import DIRECTOR_ROLE, RELEASE_ROLE, assignment_bytes
 from edge_agent.transport import MqttTransport
 from fleet_server.workers.chunk_server import ChunkServer
 
-RELEASE = "release"
-DIRECTOR = "director"
+RELEASE = RELEASE_ROLE
+DIRECTOR = DIRECTOR_ROLE
 ROLES = ("root", "timestamp", "snapshot", "targets", RELEASE, DIRECTOR)
 DELEGATED = (RELEASE, DIRECTOR)
 
@@ -218,10 +218,6 @@ class FleetSimulator:
     @property
     def bootstrap_root(self) -> bytes:
         return self.root_history[0]
-
-
-def assignment_bytes(device_id: str, target: str) -> bytes:
-    return json.dumps({"device": device_id, "target": target}, sort_keys=True).encode()
 
 
 AnswerHook = Callable[[str, FetchAnswer], list[tuple[float, FetchAnswer]]]

@@ -37,12 +37,14 @@ from tuf.ngclient.fetcher import FetcherInterface
 from tuf.ngclient.updater import Updater
 
 from edge_agent.durable import fsync_dir
+from edge_agent.protocol.repository import (
+    ASSIGNMENTS_PREFIX,
+    DIRECTOR_ROLE,
+    MODELS_PREFIX,
+    RELEASE_ROLE,
+)
 from edge_agent.update.errors import Reason, TransferError, TrustError
 
-RELEASE_ROLE = "release"
-DIRECTOR_ROLE = "director"
-MODELS_PREFIX = "models/"
-ASSIGNMENTS_PREFIX = "assignments/"
 MAX_ASSIGNMENT_BYTES = 4096
 METADATA_BASE_URL = "mqtt:metadata/"
 TARGET_BASE_URL = "mqtt:targets/"

@@ -6,14 +6,16 @@ exist); ``director`` (delegated for ``assignments/*``, terminating: what each de
 ``snapshot`` and ``timestamp`` (online).
 """
 
-from fleet_server.repository.errors import RepositoryError
-from fleet_server.repository.keys import ROLE_KEY_COUNTS, init_keys, load_signers
-from fleet_server.repository.layout import (
+from edge_agent.protocol.repository import (
     ASSIGNMENTS_PATTERN,
     DIRECTOR_ROLE,
     MODELS_PATTERN,
     RELEASE_ROLE,
     TARGETS_ROLE,
+)
+from fleet_server.repository.errors import RepositoryError
+from fleet_server.repository.keys import ROLE_KEY_COUNTS, init_keys, load_signers
+from fleet_server.repository.layout import (
     ExpiryPolicy,
     assignment_path,
     release_path,

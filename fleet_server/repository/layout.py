@@ -5,7 +5,6 @@ Pure: names and rules shared by the signing code and the server's CLI (ADR 6).
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -16,13 +15,9 @@ from typing import Any
 # types are the real ones.
 from tuf.api.metadata import Root, Snapshot, TargetFile, Timestamp  # type: ignore[attr-defined]
 
+from edge_agent.protocol.repository import DIRECTOR_ROLE, RELEASE_ROLE, TARGETS_ROLE
 from fleet_server.repository.errors import RepositoryError
 
-TARGETS_ROLE = "targets"
-RELEASE_ROLE = "release"
-DIRECTOR_ROLE = "director"
-MODELS_PATTERN = "models/*"
-ASSIGNMENTS_PATTERN = "assignments/*"
 ROOT_THRESHOLD = 2
 
 # Names, versions and device ids become one path segment: the director's pattern
@@ -89,12 +84,6 @@ def release_path(name: str, version: str) -> str:
 def assignment_path(device_id: str) -> str:
     """Target path of a device's assignment: ``assignments/<device_id>``."""
     return f"assignments/{device_id}"
-
-
-def assignment_bytes(device_id: str, target_path: str) -> bytes:
-    """Canonical JSON content of an assignment (sorted keys, no spaces, UTF-8)."""
-    document = {"device": device_id, "target": target_path}
-    return json.dumps(document, sort_keys=True, separators=(",", ":")).encode()
 
 
 def release_counter(target: TargetFile) -> int | None:

@@ -46,18 +46,20 @@ from tuf.api.serialization import DeserializationError
 from tuf.api.serialization.json import JSONSerializer
 
 from edge_agent.durable import fsync_dir
-from fleet_server.repository.atomic import stage_copy, write_atomic
-from fleet_server.repository.errors import RepositoryError
-from fleet_server.repository.keys import load_signers
-from fleet_server.repository.layout import (
+from edge_agent.protocol.repository import (
     ASSIGNMENTS_PATTERN,
     DIRECTOR_ROLE,
     MODELS_PATTERN,
     RELEASE_ROLE,
-    ROOT_THRESHOLD,
     TARGETS_ROLE,
-    ExpiryPolicy,
     assignment_bytes,
+)
+from fleet_server.repository.atomic import stage_copy, write_atomic
+from fleet_server.repository.errors import RepositoryError
+from fleet_server.repository.keys import load_signers
+from fleet_server.repository.layout import (
+    ROOT_THRESHOLD,
+    ExpiryPolicy,
     assignment_path,
     check_segment,
     next_release_counter,
