@@ -98,7 +98,7 @@ def decode_state(payload: bytes) -> DeviceState:
         raise ValueError(f"unknown keys in state: {', '.join(sorted(unknown))}")
     if document.get("v") != VERSION:
         raise ValueError(f"unsupported state version {document.get('v')!r}")
-    status = Status(document.get("status"))
+    status = Status(str(document.get("status")))
     ts = document.get("ts")
     if ts is not None and (type(ts) is not int or ts < 0):
         raise ValueError("ts must be a non-negative integer")
