@@ -56,7 +56,7 @@ from edge_agent.core.synthetic import DEFECT_KINDS, NO_DEFECT, LineConditions, r
 from edge_agent.core.verdict import Outcome
 from edge_agent.durable import write_atomic
 from edge_agent.inspect import Inspector
-from edge_agent.protocol.manifest import InputSpec
+from edge_agent.protocol.manifest import MANIFEST_NAME, InputSpec
 
 ROOT = Path(__file__).resolve().parent.parent
 VERSION = "1.0.0"
@@ -303,12 +303,9 @@ def write_bundle(
             {"file": r.file, "p_defect": round(r.got, 6), "tolerance": GOLDEN_TOLERANCE}
             for r in inspector.self_test()
         ]
-        p_ref = np.array([inspector.inspect_image(im).p_defect for im in reference.images])
     finally:
         inspector.close()
-    features = np.array([image_features(im) for im in reference.images])
-    rows = np.column_stack([features, p_ref])
-    draft["reference"] = build_reference_profile(rows, window_frames=100).model_dump(mode="json")
+    draft["reference"] = reference_section(directory, reference)
     seal_bundle(directory, draft)
     check = Inspector.open(directory)
     try:
@@ -318,6 +315,35 @@ def write_bundle(
     if failed:
         raise RuntimeError(f"{directory}: golden samples fail their own check: {failed}")
     return draft
+
+
+def reference_section(directory: Path, reference: Data) -> dict[str, Any]:
+    """The bundle's reference profile: image features of the reference split and the
+    bundle's own P(defect) on it (run by the agent's ``Inspector``)."""
+    inspector = Inspector.open(directory)
+    try:
+        p_ref = np.array([inspector.inspect_image(im).p_defect for im in reference.images])
+    finally:
+        inspector.close()
+    features = np.array([image_features(im) for im in reference.images])
+    rows = np.column_stack([features, p_ref])
+    return build_reference_profile(rows, window_frames=100).model_dump(mode="json")
+
+
+def refresh_profiles(args: argparse.Namespace) -> int:
+    """Recompute only the reference profiles of the committed bundles (after a change to
+    the feature definitions); models, thresholds and golden samples stay as they are."""
+    cv2.setNumThreads(1)
+    with ProcessPoolExecutor(max_workers=args.workers, initializer=_init_worker) as pool:
+        reference = render_split(splits(args)["reference"], pool)
+    for rt in ("onnx", "tflite"):
+        directory = args.out / f"reference-{rt}"
+        draft = json.loads((directory / MANIFEST_NAME).read_text())
+        del draft["files"]
+        draft["reference"] = reference_section(directory, reference)
+        seal_bundle(directory, draft)
+        print(f"bundle {directory}: reference profile refreshed", flush=True)
+    return 0
 
 
 # --- evaluation --------------------------------------------------------------------------
@@ -400,6 +426,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="torch seed")
     parser.add_argument("--eval-items", type=int, default=2000, help="per evaluation set")
     parser.add_argument("--reference-items", type=int, default=3000)
+    parser.add_argument(
+        "--profiles-only",
+        action="store_true",
+        help="only recompute the reference profiles of the bundles in --out (no training; "
+        "needs neither torch nor tensorflow)",
+    )
     parser.add_argument("--workers", type=int, default=2, help="processes rendering data")
     return parser.parse_args(argv)
 
@@ -443,6 +475,8 @@ def quality_bar(metrics: dict[str, Any]) -> list[str]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.profiles_only:
+        return refresh_profiles(args)
     wall = time.perf_counter()
     cv2.setNumThreads(1)
     sets = splits(args)

@@ -114,6 +114,40 @@ def test_clipped_counts_dark_and_bright_pixels() -> None:
     assert image_features(image)[CLIPPED] == 4 / 8
 
 
+def test_large_images_are_binned_2x2_before_the_features() -> None:
+    # Columns alternate 0 and 200 gray: full resolution has contrast 100 and a busy
+    # Laplacian; binned 2x2 every block averages to 100 gray, flat.
+    image = np.zeros((64, 64, 3), dtype=np.uint8)
+    image[:, 1::2] = 200
+    features = image_features(image)
+    assert features[BRIGHTNESS] == 100.0
+    assert features[CONTRAST] == 0.0
+    assert features[SHARPNESS] == 0.0
+    assert features[CLIPPED] == 0.0
+
+
+def test_odd_sized_large_image_drops_the_last_row_and_column() -> None:
+    image = np.full((65, 67, 3), 50, dtype=np.uint8)
+    image[64, :] = 255  # the odd last row is not part of any 2x2 block
+    image[:, 66] = 255
+    features = image_features(image)
+    assert features[BRIGHTNESS] == 50.0
+    assert features[CLIPPED] == 0.0
+
+
+def test_clipped_share_matches_a_direct_count_on_random_images() -> None:
+    import cv2
+
+    rng = np.random.default_rng(7)
+    for _ in range(20):
+        image = rng.integers(0, 256, size=(40, 40, 3), dtype=np.uint8)
+        image[rng.random((40, 40)) < 0.2] = rng.choice([0, 1, 2, 253, 254, 255])
+        small = cv2.resize(image, (20, 20), interpolation=cv2.INTER_AREA)
+        gray = cv2.cvtColor(small, cv2.COLOR_BGR2GRAY)
+        expected = np.count_nonzero((gray <= 2) | (gray >= 253)) / gray.size
+        assert image_features(image)[CLIPPED] == expected
+
+
 # --- histogram and edges -----------------------------------------------------------------
 
 
