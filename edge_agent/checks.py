@@ -51,12 +51,23 @@ def check_config(path: Path) -> CheckReport:
 
 
 def _check_fleet(cfg: AgentConfig, plan: Plan, report: CheckReport) -> None:
-    fleet = cfg.fleet
+    fleet, tel = cfg.fleet, cfg.telemetry
+    if tel.enabled:
+        sent = f"sent to {fleet.broker}" if fleet.enabled else "local drift check only, no broker"
+        report.lines.append(
+            f"telemetry   windows of {tel.window_frames} frames or {tel.window_s:g} s ({sent}); "
+            f"spool {tel.spool_max_mb:g} MB / {tel.spool_max_windows} windows"
+        )
+    else:
+        report.lines.append("telemetry   off ([telemetry] enabled = false)")
     if not fleet.enabled:
         report.lines.append("updates     off ([fleet] broker not set)")
         return
     root = fleet.root_metadata
-    if root is None or not root.is_file():
+    if root is None:
+        report.lines.append("updates     off ([fleet] root_metadata not set)")
+        return
+    if not root.is_file():
         report.problems.append(f"[fleet] root_metadata: {root} is not a file")
         return
     report.lines.append(

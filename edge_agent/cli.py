@@ -1,4 +1,5 @@
-"""``edge-agent``: inspect images, benchmark, generate the synthetic line, run the demo."""
+"""``edge-agent``: inspect images, benchmark, generate the synthetic line, run the demo,
+run the service, check its config, show its drift and telemetry status."""
 
 from __future__ import annotations
 
@@ -140,6 +141,18 @@ def _parser() -> argparse.ArgumentParser:
     )
     _config_arg(check)
     check.set_defaults(func=_cmd_check)
+
+    status = sub.add_parser(
+        "status",
+        help="print the local drift alarm and the telemetry spool",
+        description="Read the agent's state directory (from the config) and print the "
+        "local drift alarm (drift.json: which features drift, by which test, how much) "
+        "and the telemetry spool (windows waiting for the broker, windows dropped from a "
+        "full spool). Works while the agent runs, and on a line with no broker.",
+    )
+    _config_arg(status)
+    status.add_argument("--json", action="store_true", help="print one JSON object")
+    status.set_defaults(func=_cmd_status)
     return p
 
 
@@ -369,6 +382,60 @@ def _cmd_check(args: argparse.Namespace) -> int:
         return 1
     print(f"{args.config}: ok")
     return 0
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from edge_agent.config import load_config
+    from edge_agent.telemetry.alarm import read_drift_file
+    from edge_agent.telemetry.device import drift_path, spool_dir
+    from edge_agent.telemetry.spool import SpoolError, read_counts
+
+    cfg = load_config(args.config)
+    state_dir = cfg.storage.state_dir
+    try:
+        drift = read_drift_file(drift_path(state_dir))
+        counts = read_counts(spool_dir(state_dir))
+    except (ValueError, SpoolError, OSError) as e:
+        raise UsageError(f"state in {state_dir}: {e}") from e
+    spool = None
+    if counts is not None:
+        spool = {
+            "queued": counts.queued,
+            "dropped": counts.dropped,
+            "bytes": counts.bytes,
+            "next_seq": counts.next_seq,
+        }
+    if args.json:
+        print(json.dumps({"device": cfg.device.id, "drift": drift, "spool": spool}))
+        return 0
+    print(f"device      {cfg.device.id}")
+    print(f"drift       {_describe_drift(drift)}")
+    if spool is None:
+        print("spool       none (no broker, or telemetry not started yet)")
+    else:
+        print(
+            f"spool       {spool['queued']} window(s) waiting ({spool['bytes'] // 1024} KiB), "
+            f"{spool['dropped']} dropped from a full spool, next seq {spool['next_seq']}"
+        )
+    return 0
+
+
+def _describe_drift(drift: dict[str, object] | None) -> str:
+    if drift is None:
+        return "no state yet (the agent has not run with telemetry enabled)"
+    head = f"model {drift.get('model')}, last window {drift.get('last_window')}"
+    alarms = drift.get("alarms")
+    if not drift.get("drifting") or not isinstance(alarms, list):
+        return f"none ({head})"
+    parts = []
+    for alarm in alarms:
+        if isinstance(alarm, dict):
+            direction = f" {alarm['direction']}" if alarm.get("direction") else ""
+            parts.append(
+                f"{alarm.get('feature')} ({alarm.get('test')}{direction}, effect "
+                f"{alarm.get('effect')}, since window {alarm.get('since_seq')})"
+            )
+    return f"DRIFTING: {'; '.join(parts)} ({head})"
 
 
 class _Summary:

@@ -78,6 +78,8 @@ class DeviceSection(_Strict):
     profile: str = "x86-generic"
     site: str = ""
     group: str = ""
+    # Production line, sent in the retained device state (fleet drift groups by it).
+    line: Annotated[str, Field(min_length=1, max_length=96)] | None = None
 
 
 class SourceSection(_Strict):
@@ -162,7 +164,9 @@ class StorageSection(_Strict):
 
 
 class FleetSection(_Strict):
-    """Model updates from the fleet server over MQTT. Off unless ``broker`` is set."""
+    """The fleet broker. With ``broker`` set the agent connects (one MQTT connection) and
+    publishes its retained state and, unless ``[telemetry] enabled = false``, telemetry;
+    model updates also need ``root_metadata``."""
 
     broker: str | None = None  # host:port
     root_metadata: Path | None = None  # root.json pinned at provisioning
@@ -188,8 +192,8 @@ class FleetSection(_Strict):
 
     @model_validator(mode="after")
     def _complete(self) -> FleetSection:
-        if self.broker is not None and self.root_metadata is None:
-            raise ValueError("root_metadata is required when broker is set")
+        if self.root_metadata is not None and self.broker is None:
+            raise ValueError("root_metadata needs broker (updates come over MQTT)")
         tls = (self.tls_ca, self.tls_cert, self.tls_key)
         if any(tls) and not all(tls):
             raise ValueError("tls_ca, tls_cert and tls_key go together")
@@ -197,7 +201,13 @@ class FleetSection(_Strict):
 
     @property
     def enabled(self) -> bool:
+        """A broker is configured: the agent connects to it."""
         return self.broker is not None
+
+    @property
+    def updates(self) -> bool:
+        """Model updates are on: a broker and a pinned trust root."""
+        return self.broker is not None and self.root_metadata is not None
 
     @property
     def host_port(self) -> tuple[str, int]:
@@ -205,6 +215,22 @@ class FleetSection(_Strict):
             raise RuntimeError("fleet updates are off: no broker")
         host, _, port = self.broker.rpartition(":")
         return host, int(port)
+
+
+class TelemetrySection(_Strict):
+    """Aggregate windows (sent through ``[fleet] broker``) and the local drift check."""
+
+    enabled: bool = True
+    window_frames: Annotated[int, Field(ge=50)] = 500  # 50: the privacy floor
+    window_s: Annotated[float, Field(gt=0)] = 60.0
+    spool_max_mb: Annotated[float, Field(gt=0)] = 16.0
+    spool_max_windows: Annotated[int, Field(ge=1)] = 10_000
+    drift_hold_windows: Annotated[int, Field(ge=1)] = 3
+    state_interval_s: Annotated[float, Field(gt=0)] = 5.0
+
+    @property
+    def spool_max_bytes(self) -> int:
+        return max(4096, int(self.spool_max_mb * 1024 * 1024))
 
 
 class LogSection(_Strict):
@@ -221,6 +247,7 @@ class AgentConfig(_Strict):
     thresholds: ThresholdsSection = ThresholdsSection()
     storage: StorageSection = StorageSection()
     fleet: FleetSection = FleetSection()
+    telemetry: TelemetrySection = TelemetrySection()
     log: LogSection = LogSection()
 
 

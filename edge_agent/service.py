@@ -1,6 +1,11 @@
 """The one place that builds the agent's I/O objects from config and runs the line.
 
     source -> pipeline (decode, preprocess, inference) -> results.db, evidence -> ack
+                                                       -> telemetry windows, drift alarm
+
+With ``[fleet] broker`` set the agent holds ONE MQTT connection, shared by model updates
+(with ``root_metadata``), telemetry and the retained device state; its last will marks
+the device offline.
 
 ``build_plan`` resolves config and firmware profile into plain values (what ``edge-agent
 check`` prints); ``Agent`` opens everything and runs until the source ends or SIGTERM.
@@ -31,6 +36,9 @@ from edge_agent.sinks.evidence import EvidenceStore
 from edge_agent.sinks.evidence_writer import EvidenceWriter
 from edge_agent.sinks.results_db import ResultRecord, ResultsDB
 from edge_agent.sources.base import FrameSource
+from edge_agent.telemetry.device import DeviceTelemetry, TelemetrySettings
+from edge_agent.telemetry.presence import will_of
+from edge_agent.telemetry.spool import SpoolError
 from edge_agent.transport import MqttTransport, TlsFiles
 from edge_agent.update.device import FleetLink, open_active_model, open_slots, start_updates
 from edge_agent.update.gate import GateLimits
@@ -193,7 +201,7 @@ class Agent:
     def _open_model(self) -> tuple[Inspector, SlotStore | None]:
         """The model to start with: the active slot's when fleet updates are on."""
         plan = self.plan
-        if not self.cfg.fleet.enabled:
+        if not self.cfg.fleet.updates:
             return open_inspector(plan), None
         slots = open_slots(plan.state_dir, plan.bundle, self.cfg.fleet.max_bundle_mb * 1024 * 1024)
         inspector, _ = open_active_model(
@@ -201,23 +209,55 @@ class Agent:
         )
         return inspector, slots
 
-    def _start_updates(
-        self, slots: SlotStore, pipeline: Pipeline
-    ) -> tuple[UpdateManager, MqttTransport]:
-        plan, fleet = self.plan, self.cfg.fleet
+    def _open_transport(self) -> MqttTransport | None:
+        """The agent's one MQTT connection (not started); None without a broker."""
+        fleet = self.cfg.fleet
+        if fleet.broker is None:
+            return None
         host, port = fleet.host_port
-        assert fleet.root_metadata is not None  # checked by FleetSection
+        tls = None
+        if fleet.tls_ca is not None and fleet.tls_cert is not None and fleet.tls_key is not None:
+            tls = TlsFiles(fleet.tls_ca, fleet.tls_cert, fleet.tls_key)
+        return MqttTransport(
+            host=host,
+            port=port,
+            client_id=self.plan.device_id,
+            tls=tls,
+            will=will_of(self.plan.device_id),
+        )
+
+    def _open_telemetry(self, transport: MqttTransport | None) -> DeviceTelemetry:
+        plan, tel = self.plan, self.cfg.telemetry
+        settings = TelemetrySettings(
+            device_id=plan.device_id,
+            profile=plan.profile,
+            line=self.cfg.device.line,
+            state_dir=plan.state_dir,
+            enabled=tel.enabled,
+            window_frames=tel.window_frames,
+            window_s=tel.window_s,
+            spool_max_bytes=tel.spool_max_bytes,
+            spool_max_windows=tel.spool_max_windows,
+            drift_hold_windows=tel.drift_hold_windows,
+            state_interval_s=tel.state_interval_s,
+        )
+        try:
+            # Seqs of a device whose spool was wiped start from the clock, not from 0, so
+            # the server does not take its new windows for repeats of old ones.
+            return DeviceTelemetry(settings, transport, first_seq=int(time.time() * 1000))
+        except (SpoolError, OSError) as e:
+            raise ConfigError(f"[telemetry] spool in {plan.state_dir}: {e}") from e
+
+    def _start_updates(
+        self, slots: SlotStore, pipeline: Pipeline, transport: MqttTransport
+    ) -> UpdateManager:
+        plan, fleet = self.plan, self.cfg.fleet
+        assert fleet.root_metadata is not None  # fleet.updates is True
         try:
             root = fleet.root_metadata.read_bytes()
         except OSError as e:
             raise ConfigError(f"[fleet] root_metadata {fleet.root_metadata}: {e}") from e
-        tls = None
-        if fleet.tls_ca is not None and fleet.tls_cert is not None and fleet.tls_key is not None:
-            tls = TlsFiles(fleet.tls_ca, fleet.tls_cert, fleet.tls_key)
         link = FleetLink(
-            host=host,
-            port=port,
-            tls=tls,
             root_metadata=root,
             device=DeviceFacts(plan.device_id, plan.profile, frozenset(plan.runtimes)),
             state_dir=plan.state_dir,
@@ -234,7 +274,9 @@ class Agent:
                 max_bundle_bytes=fleet.max_bundle_mb * 1024 * 1024,
             ),
         )
-        return start_updates(link, slots, lambda path: open_inspector(plan, path), pipeline.swap)
+        return start_updates(
+            link, transport, slots, lambda path: open_inspector(plan, path), pipeline.swap
+        )
 
     def run(self) -> int:
         plan = self.plan
@@ -263,10 +305,14 @@ class Agent:
         self._source, self._pipeline = source, pipeline
         if self._stopping.is_set():
             self.stop()
+        transport = self._open_transport()
+        telemetry = self._open_telemetry(transport)
+        telemetry.start(inspector, time.time())  # first: the state on connect names the model
+        if transport is not None:
+            transport.start()
         updates: UpdateManager | None = None
-        transport: MqttTransport | None = None
-        if slots is not None:
-            updates, transport = self._start_updates(slots, pipeline)
+        if slots is not None and transport is not None:
+            updates = self._start_updates(slots, pipeline, transport)
         log.info(
             "agent started",
             extra={
@@ -295,6 +341,7 @@ class Agent:
                     path = evidence.submit(item.frame, item.verdict.outcome.value)
                     acknowledge(db.add(_record(item, path)))
                     summary.add(item)
+                    telemetry.add(item, pipeline.counters.dropped, time.time())
                     if updates is not None:
                         updates.offer(item.frame, item.verdict)
                     if item.inspector is not None and item.inspector is not inspector:
@@ -303,6 +350,7 @@ class Agent:
                         retired.close()
                 else:
                     acknowledge(db.flush())
+                    telemetry.tick(pipeline.counters.dropped, time.time())
                 now = time.monotonic()
                 if summary.due(now):
                     summary.log(now, pipeline, source, evidence)
@@ -312,6 +360,7 @@ class Agent:
         finally:
             if updates is not None:
                 updates.stop()
+            telemetry.stop(time.time())
             if transport is not None:
                 transport.stop()
             acknowledge(db.flush())

@@ -3,7 +3,13 @@
 The network runs on paho's own thread (`loop_start`). The client reconnects by itself with
 exponential back-off between `reconnect_min_s` and `reconnect_max_s`, and every
 subscription is made again after each (re)connect, because sessions are clean.
-Handlers run on the network thread: they must be quick and must not block on it.
+Handlers and connect hooks run on the network thread: they must be quick and must not
+block on it.
+
+`publish_tracked` hands back a `Delivery` that completes on the broker's PUBACK. A QoS 1
+message that paho has accepted stays in paho's outgoing queue across disconnects and is
+resent (with DUP) after the reconnect, so the caller waits on the same `Delivery` for as
+long as it takes and never publishes the message again itself.
 """
 
 from __future__ import annotations
@@ -21,6 +27,33 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 Handler = Callable[[str, bytes], None]
+ConnectHook = Callable[[], None]
+
+
+class Delivery:
+    """One QoS 1 message handed to paho: done once the broker has acknowledged it."""
+
+    __slots__ = ("_info",)
+
+    def __init__(self, info: mqtt.MQTTMessageInfo) -> None:
+        self._info = info
+
+    @property
+    def mid(self) -> int:
+        return self._info.mid
+
+    def wait(self, timeout: float) -> bool:
+        """Block up to ``timeout`` seconds for the PUBACK; return whether it came.
+
+        False only means "not yet": the message stays queued in paho (and is resent after
+        a reconnect), so waiting again later is right and publishing again is not.
+        """
+        self._info.wait_for_publish(timeout)
+        return self._info.is_published()
+
+    @property
+    def done(self) -> bool:
+        return self._info.is_published()
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +105,7 @@ class MqttTransport:
         self._lock = threading.Lock()
         self._subscriptions: dict[str, int] = {}  # filter -> QoS, re-made on each connect
         self._connected = threading.Event()
+        self._connect_hooks: list[ConnectHook] = []
         self._started = False
         self._stopping = False  # set once by stop(); a transport is not restartable
 
@@ -140,6 +174,39 @@ class MqttTransport:
         info = self._client.publish(topic, payload, qos=qos, retain=retain)
         return info.rc == MQTTErrorCode.MQTT_ERR_SUCCESS
 
+    def publish_tracked(
+        self, topic: str, payload: bytes, *, retain: bool = False
+    ) -> Delivery | None:
+        """Publish at QoS 1 and return a `Delivery` that completes on the PUBACK.
+
+        Returns None, and nothing is queued, when not connected or when `max_queued`
+        messages await a PUBACK: the caller tries again later. Otherwise the message is
+        paho's to deliver, across reconnects, until the transport is stopped.
+
+        Raises:
+            ValueError: invalid topic (a programming error).
+        """
+        if not self._connected.is_set():
+            return None
+        info = self._client.publish(topic, payload, qos=1, retain=retain)
+        if info.rc == MQTTErrorCode.MQTT_ERR_NO_CONN:
+            # The connection dropped between the check and the send. paho has kept the
+            # QoS 1 message in its outgoing queue and sends it after the reconnect; it
+            # only leaves rc at NO_CONN, which would make wait_for_publish raise.
+            info.rc = MQTTErrorCode.MQTT_ERR_SUCCESS
+        if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+            return None  # MQTT_ERR_QUEUE_SIZE: not queued at all
+        return Delivery(info)
+
+    def add_connect_hook(self, hook: ConnectHook) -> None:
+        """Call ``hook()`` on the network thread after every (re)connect, once `publish`
+        works (e.g. to publish a retained "online" state); at once if connected now.
+        A hook must be quick and must not raise: paho would end the network loop."""
+        with self._lock:
+            self._connect_hooks.append(hook)
+        if self._connected.is_set():
+            hook()
+
     def subscribe(self, topic_filter: str, handler: Handler, qos: int = 1) -> None:
         """Call `handler(topic, payload)` on the network thread for each matching message.
 
@@ -205,6 +272,10 @@ class MqttTransport:
         # Set only after the SUBSCRIBE is queued, so a publish that follows
         # wait_connected() reaches the broker after it.
         self._connected.set()
+        with self._lock:
+            hooks = list(self._connect_hooks)
+        for hook in hooks:
+            hook()
 
     def _on_disconnect(
         self,

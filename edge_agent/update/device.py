@@ -3,7 +3,8 @@
 - `open_slots`: the A/B slot store, seeded with the factory bundle on first start.
 - `open_active_model`: load the active slot; if that fails, the other one (and point at
   it); if neither loads, the factory bundle itself. The line always gets a model.
-- `start_updates`: MQTT transport, TUF client, downloader, state and the `UpdateManager`.
+- `start_updates`: TUF client, downloader, state and the `UpdateManager`, on the agent's
+  one MQTT transport (shared with telemetry and the device state).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from edge_agent.inspect import Inspector
 from edge_agent.protocol.errors import BundleError
 from edge_agent.protocol.manifest import MANIFEST_NAME
 from edge_agent.runtimes import ModelLoadError
-from edge_agent.transport import MqttTransport, TlsFiles
+from edge_agent.transport import MqttTransport
 from edge_agent.update.download import BundleDownloader
 from edge_agent.update.manager import UpdateManager, UpdateSettings
 from edge_agent.update.mqtt_fetcher import MqttFetcher
@@ -33,11 +34,8 @@ FACTORY_TARGET = "factory"
 
 @dataclass(frozen=True, slots=True)
 class FleetLink:
-    """Where the fleet server is and what this device is."""
+    """What the update path needs to know about the fleet and this device."""
 
-    host: str
-    port: int
-    tls: TlsFiles | None
     root_metadata: bytes
     device: DeviceFacts
     state_dir: Path
@@ -89,14 +87,14 @@ def open_active_model(
 
 def start_updates(
     link: FleetLink,
+    transport: MqttTransport,
     slots: SlotStore,
     open_model: Callable[[Path], Inspector],
     swap: Callable[[Inspector], None],
-) -> tuple[UpdateManager, MqttTransport]:
-    """Connect to the broker (in the background) and start the update loop."""
+) -> UpdateManager:
+    """Start the update loop on ``transport`` (started by the caller, which also stops it
+    after ``UpdateManager.stop``)."""
     device_id = link.device.device_id
-    transport = MqttTransport(host=link.host, port=link.port, client_id=device_id, tls=link.tls)
-    transport.start()
     update_dir = link.state_dir / "update"
     manager = UpdateManager(
         transport=transport,
@@ -115,4 +113,4 @@ def start_updates(
         settings=link.settings,
     )
     manager.start()
-    return manager, transport
+    return manager
