@@ -30,6 +30,12 @@ from fleet_server.compatibility import (
     find_profiles,
     release_profiles,
 )
+from fleet_server.ingest_service import (
+    INGEST_DESCRIPTION,
+    add_ingest_arguments,
+    ingest_options,
+    run_ingest,
+)
 from fleet_server.repository import (
     DIRECTOR_ROLE,
     RELEASE_ROLE,
@@ -42,6 +48,7 @@ from fleet_server.repository import (
     release_path,
 )
 from fleet_server.serve import DEFAULT_REFRESH_INTERVAL_S, FleetPublisher
+from fleet_server.storage import StorageError
 from fleet_server.workers.chunk_server import ChunkServer
 
 EXIT_USAGE = 2
@@ -67,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         BundleError,
         ConfigError,
         CompatibilityError,
+        StorageError,
         OSError,
     ) as e:
         print(f"fleet-server: error: {e}", file=sys.stderr)
@@ -199,6 +207,19 @@ def _parser() -> argparse.ArgumentParser:
         help="how often to check whether metadata needs re-signing (default: %(default)s)",
     )
     serve.set_defaults(func=_cmd_serve)
+
+    ingest = sub.add_parser(
+        "ingest",
+        help="store device telemetry, watch fleet drift, raise alerts",
+        description=INGEST_DESCRIPTION,
+    )
+    ingest.add_argument("--broker", required=True, metavar="HOST:PORT", help="the MQTT broker")
+    ingest.add_argument("--client-id", default="fleet-ingest", help="MQTT client id")
+    ingest.add_argument("--tls-ca", type=Path, metavar="PEM", help="the broker's CA certificate")
+    ingest.add_argument("--tls-cert", type=Path, metavar="PEM", help="this server's certificate")
+    ingest.add_argument("--tls-key", type=Path, metavar="PEM", help="this server's private key")
+    add_ingest_arguments(ingest)
+    ingest.set_defaults(func=_cmd_ingest)
     return p
 
 
@@ -324,6 +345,20 @@ def _cmd_resign(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_ingest(args: argparse.Namespace) -> int:
+    try:
+        options = ingest_options(args)
+    except ValueError as e:
+        raise UsageError(str(e)) from e
+    host, port = _parse_broker(args.broker)
+    tls = _tls_files(args.tls_ca, args.tls_cert, args.tls_key)
+    logger, stop = _logger_and_stop_on_signals()
+    transport = MqttTransport(host=host, port=port, client_id=args.client_id, tls=tls)
+    run_ingest(options, transport, stop, logger)
+    logger.info("stopped")
+    return 0
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     host, port = _parse_broker(args.broker)
     tls = _tls_files(args.tls_ca, args.tls_cert, args.tls_key)
@@ -331,20 +366,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     fleet.timestamp_state()  # refuse a missing repository before connecting
     for role in (DIRECTOR_ROLE, "snapshot", "timestamp"):
         load_signers(args.keys, role)  # re-signing needs them: fail now, not in an hour
-    logging.basicConfig(
-        level=logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    logger = logging.getLogger("fleet_server")
-    stop = threading.Event()
-
-    def on_signal(signum: int, _frame: FrameType | None) -> None:
-        logger.info("%s: stopping", signal.Signals(signum).name)
-        stop.set()
-
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
+    logger, stop = _logger_and_stop_on_signals()
     transport = MqttTransport(host=host, port=port, client_id=args.client_id, tls=tls)
     transport.start()
     try:
@@ -359,6 +381,25 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         transport.stop()
     logger.info("stopped")
     return 0
+
+
+def _logger_and_stop_on_signals() -> tuple[logging.Logger, threading.Event]:
+    """Log to stderr; an Event set by SIGINT or SIGTERM."""
+    logging.basicConfig(
+        level=logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    logger = logging.getLogger("fleet_server")
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        logger.info("%s: stopping", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    return logger, stop
 
 
 def _parse_broker(text: str) -> tuple[str, int]:
