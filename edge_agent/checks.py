@@ -56,7 +56,8 @@ def _check_fleet(cfg: AgentConfig, plan: Plan, report: CheckReport) -> None:
         sent = f"sent to {fleet.broker}" if fleet.enabled else "local drift check only, no broker"
         report.lines.append(
             f"telemetry   windows of {tel.window_frames} frames or {tel.window_s:g} s ({sent}); "
-            f"spool {tel.spool_max_mb:g} MB / {tel.spool_max_windows} windows"
+            f"spool {tel.spool_max_mb:g} MB / {tel.spool_max_windows} windows; "
+            f"local drift check every {tel.check_frames} frames"
         )
     else:
         report.lines.append("telemetry   off ([telemetry] enabled = false)")

@@ -223,6 +223,7 @@ class TelemetrySection(_Strict):
     enabled: bool = True
     window_frames: Annotated[int, Field(ge=50)] = 500  # 50: the privacy floor
     window_s: Annotated[float, Field(gt=0)] = 60.0
+    check_frames: Annotated[int, Field(ge=50)] = 100  # the local drift check's windows
     spool_max_mb: Annotated[float, Field(gt=0)] = 16.0
     spool_max_windows: Annotated[int, Field(ge=1)] = 10_000
     drift_hold_windows: Annotated[int, Field(ge=1)] = 3

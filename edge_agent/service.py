@@ -236,6 +236,7 @@ class Agent:
             enabled=tel.enabled,
             window_frames=tel.window_frames,
             window_s=tel.window_s,
+            check_frames=tel.check_frames,
             spool_max_bytes=tel.spool_max_bytes,
             spool_max_windows=tel.spool_max_windows,
             drift_hold_windows=tel.drift_hold_windows,

@@ -46,6 +46,7 @@ class TelemetrySettings:
     enabled: bool = True
     window_frames: int = 500
     window_s: float = 60.0
+    check_frames: int = 100
     spool_max_bytes: int = 16 * 1024 * 1024
     spool_max_windows: int = 10_000
     drift_hold_windows: int = 3
@@ -116,6 +117,7 @@ class DeviceTelemetry:
                 edge=__version__,
                 window_frames=settings.window_frames,
                 window_s=settings.window_s,
+                check_frames=settings.check_frames,
                 spool=self.spool,
                 alarm=alarm,
                 monitor_for=monitor_for,

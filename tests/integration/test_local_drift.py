@@ -38,6 +38,7 @@ evidence_pass_every = 0
 
 [telemetry]
 window_frames = 80
+check_frames = 80
 
 [log]
 format = "json"

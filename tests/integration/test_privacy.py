@@ -129,7 +129,10 @@ def test_every_published_byte_is_declared_aggregate_and_private(
     # except one closed early for the swap or the stop, never below the floor.
     assert all(MIN_WINDOW_FRAMES <= w.frames <= WINDOW for w in windows)
     assert sum(w.frames == WINDOW for w in windows) >= len(windows) - 2
-    assert {w.model for w in windows} == {"reference-onnx@1.0.0", "reference-onnx@2"}
+    # The first model's window is there unless the update won the race against its
+    # first WINDOW frames (its partial window is then discarded, and counted above).
+    assert "reference-onnx@2" in {w.model for w in windows}
+    assert {w.model for w in windows} <= {"reference-onnx@1.0.0", "reference-onnx@2"}
     full = [w for w in windows if w.frames == WINDOW]
     assert full and all(set(w.hist) == set(FEATURE_NAMES) and w.p_sum for w in full)
     _check_list_lengths(messages)
