@@ -7,13 +7,10 @@ import argparse
 import json
 import math
 import os
-import signal
 import sys
 import time
-from collections import deque
 from pathlib import Path
-from types import FrameType
-from typing import TYPE_CHECKING, TextIO
+from typing import TYPE_CHECKING
 
 from edge_agent import __version__
 from edge_agent.protocol.errors import BundleError
@@ -110,13 +107,21 @@ def _parser() -> argparse.ArgumentParser:
         "demo",
         help="run the synthetic line through the model and print verdicts",
         description="Feed the synthetic line through the overlapped pipeline, print fail "
-        "and uncertain verdicts and a summary every second. Ctrl-C stops cleanly.",
+        "and uncertain verdicts, a summary every second, and the local drift check's "
+        "verdict on every window (try --brightness 0.8). Ctrl-C stops cleanly.",
     )
     _model_args(demo)
     demo.add_argument("--seconds", type=float, default=15.0, help="how long to run (0: forever)")
     demo.add_argument("--fps", type=float, default=30.0, help="line speed (0: as fast as possible)")
     demo.add_argument("--seed", type=int, default=1, metavar="S")
     demo.add_argument("--size", type=_size, default=(640, 480), metavar="WxH")
+    demo.add_argument(
+        "--check-frames",
+        type=_window_frames,
+        default=100,
+        metavar="N",
+        help="frames per local drift-check window (>= 50; default 100)",
+    )
     _line_args(demo)
     demo.set_defaults(func=_cmd_demo)
 
@@ -199,6 +204,14 @@ def _size(text: str) -> tuple[int, int]:
     if not sep or not w.isdigit() or not h.isdigit():
         raise argparse.ArgumentTypeError(f"size must be WxH, e.g. 640x480, got {text!r}")
     return int(w), int(h)
+
+
+def _window_frames(text: str) -> int:
+    if not text.isdigit() or int(text) < 50:
+        raise argparse.ArgumentTypeError(
+            f"must be a whole number >= 50 (the smallest window of frames), got {text!r}"
+        )
+    return int(text)
 
 
 def _open_inspector(args: argparse.Namespace) -> Inspector:
@@ -317,43 +330,18 @@ def _conditions(args: argparse.Namespace) -> LineConditions:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from edge_agent.pipeline import Pipeline
-    from edge_agent.sources.synthetic import SyntheticLine
+    from edge_agent.demo import run_demo
 
-    inspector = _open_inspector(args)
-    conditions = _conditions(args)
-    line = SyntheticLine(
-        seed=args.seed, size=args.size, conditions=conditions, fps=args.fps, encode_jpeg=True
+    return run_demo(
+        _open_inspector(args),
+        _conditions(args),
+        seed=args.seed,
+        size=args.size,
+        fps=args.fps,
+        seconds=args.seconds,
+        check_frames=args.check_frames,
+        out=sys.stdout,
     )
-    pipeline = Pipeline(inspector, drop_oldest=True)
-
-    def on_signal(_sig: int, _frame: FrameType | None) -> None:
-        line.stop_event.set()
-        pipeline.stop()
-
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
-    m = inspector.manifest
-    print(
-        f"edge-agent demo: {m.id} on {inspector.runtime.name}/{inspector.runtime.provider}, "
-        f"synthetic line {args.size[0]}x{args.size[1]} at {args.fps:g} fps, "
-        f"brightness {conditions.brightness:g}, defect rate {conditions.defect_rate:g}"
-    )
-    summary = _Summary(sys.stdout)
-    deadline = time.monotonic() + args.seconds if args.seconds > 0 else math.inf
-    for inspection in pipeline.run(line):
-        v = inspection.verdict
-        truth = line.labels.get(v.frame_id, "?")
-        summary.add(v.outcome.value, v.latency_ms, truth, v.label)
-        if v.outcome.value in ("fail", "uncertain", "error"):
-            detail = v.error or f"p_defect={v.p_defect:.3f}"
-            print(f"frame {v.frame_id:6d}  {v.outcome.value:9s} {detail}  (truth: {truth})")
-        summary.maybe_print(pipeline.counters.dropped)
-        if time.monotonic() >= deadline:
-            on_signal(0, None)
-    summary.maybe_print(pipeline.counters.dropped, force=True)
-    inspector.close()
-    return 0
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -436,45 +424,6 @@ def _describe_drift(drift: dict[str, object] | None) -> str:
                 f"{alarm.get('effect')}, since window {alarm.get('since_seq')})"
             )
     return f"DRIFTING: {'; '.join(parts)} ({head})"
-
-
-class _Summary:
-    """Running counts and latency percentiles, printed at most once a second."""
-
-    def __init__(self, out: TextIO) -> None:
-        self.out = out
-        self.started = time.monotonic()
-        self.last = self.started
-        self.counts: dict[str, int] = {"pass": 0, "fail": 0, "uncertain": 0, "error": 0}
-        self.latencies: deque[float] = deque(maxlen=2000)
-        self.correct = 0
-        self.judged = 0
-
-    def add(self, outcome: str, latency_ms: float, truth: str, label: str) -> None:
-        self.counts[outcome] += 1
-        self.latencies.append(latency_ms)
-        if outcome != "error" and truth in ("ok", "defect"):
-            self.judged += 1
-            self.correct += int(label == truth)
-
-    def maybe_print(self, dropped: int, force: bool = False) -> None:
-        now = time.monotonic()
-        if not force and now - self.last < 1.0:
-            return
-        self.last = now
-        n = sum(self.counts.values())
-        lat = sorted(self.latencies)
-        p50 = lat[len(lat) // 2] if lat else math.nan
-        p99 = lat[min(len(lat) - 1, int(len(lat) * 0.99))] if lat else math.nan
-        acc = self.correct / self.judged if self.judged else math.nan
-        c = self.counts
-        self.out.write(
-            f"[{now - self.started:6.1f}s] {n} frames, {n / max(now - self.started, 1e-9):.1f}/s"
-            f" | pass {c['pass']} fail {c['fail']} uncertain {c['uncertain']} error {c['error']}"
-            f" dropped {dropped} | latency p50 {p50:.2f} ms p99 {p99:.2f} ms"
-            f" | accuracy vs truth {acc:.3f}\n"
-        )
-        self.out.flush()
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ import logging
 import signal
 import threading
 import time
-from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
@@ -36,6 +35,7 @@ from edge_agent.sinks.evidence import EvidenceStore
 from edge_agent.sinks.evidence_writer import EvidenceWriter
 from edge_agent.sinks.results_db import ResultRecord, ResultsDB
 from edge_agent.sources.base import FrameSource
+from edge_agent.summary import LineSummary
 from edge_agent.telemetry.device import DeviceTelemetry, TelemetrySettings
 from edge_agent.telemetry.presence import will_of
 from edge_agent.telemetry.spool import SpoolError
@@ -325,7 +325,7 @@ class Agent:
                 "source": source.name,
             },
         )
-        summary = _Summary(self.cfg.log.summary_interval_s)
+        summary = LineSummary(self.cfg.log.summary_interval_s)
         pending: dict[int, Inspection] = {}
         next_retention = time.monotonic() + RETENTION_INTERVAL_S
 
@@ -390,48 +390,3 @@ def _record(item: Inspection, evidence: str | None) -> ResultRecord:
         error=v.error,
         evidence=evidence,
     )
-
-
-class _Summary:
-    """Counts and latency percentiles, logged as one line every interval."""
-
-    def __init__(self, interval_s: float) -> None:
-        self.interval = interval_s
-        self.started = self.last = time.monotonic()
-        self.counts = {"pass": 0, "fail": 0, "uncertain": 0, "error": 0}
-        self.total = 0
-        self.window = 0
-        self.latencies: deque[float] = deque(maxlen=4096)
-
-    def add(self, item: Inspection) -> None:
-        self.counts[item.verdict.outcome.value] += 1
-        self.total += 1
-        self.window += 1
-        self.latencies.append(item.verdict.latency_ms)
-
-    def due(self, now: float) -> bool:
-        return now - self.last >= self.interval
-
-    def log(self, now: float, pipeline: Pipeline, source: FrameSource, ev: EvidenceWriter) -> None:
-        elapsed = max(now - self.last, 1e-9)
-        lat = sorted(self.latencies)
-        p50 = lat[len(lat) // 2] if lat else None
-        p99 = lat[min(len(lat) - 1, int(len(lat) * 0.99))] if lat else None
-        log.info(
-            "summary",
-            extra={
-                "event": "summary",
-                "frames": self.total,
-                "fps": round(self.window / elapsed, 2),
-                **self.counts,
-                "dropped": pipeline.counters.dropped,
-                "lost": source.counters.lost,
-                "latency_p50_ms": None if p50 is None else round(p50, 2),
-                "latency_p99_ms": None if p99 is None else round(p99, 2),
-                "evidence_written": ev.counters.written,
-                "evidence_dropped": ev.counters.dropped,
-                "evidence_disabled": ev.store.disabled_reason is not None,
-            },
-        )
-        self.last = now
-        self.window = 0
