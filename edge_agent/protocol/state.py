@@ -19,9 +19,10 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Final
 
+from edge_agent.protocol.wire import load_document, text_field
+
 VERSION: Final = 1
 MAX_STATE_BYTES: Final = 1024
-_MAX_TEXT: Final = 96
 _MAX_DRIFT: Final = 16
 _KEYS: Final = frozenset(
     ("v", "status", "ts", "model", "edge", "profile", "line", "drift", "spool")
@@ -66,11 +67,11 @@ def encode_state(state: DeviceState) -> bytes:
         ("line", state.line),
     ):
         if value is not None:
-            document[key] = _text(value, key)
+            document[key] = text_field(value, key)
     if state.drift:
         if len(state.drift) > _MAX_DRIFT:
             raise ValueError(f"at most {_MAX_DRIFT} drift names")
-        document["drift"] = [_text(name, "drift") for name in state.drift]
+        document["drift"] = [text_field(name, "drift") for name in state.drift]
     if state.spool_queued is not None or state.spool_dropped is not None:
         document["spool"] = {
             "queued": state.spool_queued or 0,
@@ -88,24 +89,17 @@ def decode_state(payload: bytes) -> DeviceState:
     Raises:
         ValueError: oversize, not JSON, unknown keys, wrong types.
     """
-    if len(payload) > MAX_STATE_BYTES:
-        raise ValueError(f"state of {len(payload)} bytes is over {MAX_STATE_BYTES}")
-    document = json.loads(payload)
-    if not isinstance(document, dict):
-        raise ValueError("a state message is a JSON object")
-    unknown = set(document) - _KEYS
-    if unknown:
-        raise ValueError(f"unknown keys in state: {', '.join(sorted(unknown))}")
-    if document.get("v") != VERSION:
-        raise ValueError(f"unsupported state version {document.get('v')!r}")
+    document = load_document(
+        payload, what="state", max_bytes=MAX_STATE_BYTES, keys=_KEYS, version=VERSION
+    )
     status = Status(str(document.get("status")))
     ts = document.get("ts")
     if ts is not None and (type(ts) is not int or ts < 0):
         raise ValueError("ts must be a non-negative integer")
-    texts = {k: document.get(k) for k in ("model", "edge", "profile", "line")}
-    for key, value in texts.items():
-        if value is not None:
-            _text(value, key)
+    texts = {
+        k: None if document.get(k) is None else text_field(document.get(k), k)
+        for k in ("model", "edge", "profile", "line")
+    }
     drift = document.get("drift", [])
     if not isinstance(drift, list) or len(drift) > _MAX_DRIFT:
         raise ValueError(f"drift must be a list of at most {_MAX_DRIFT} names")
@@ -124,13 +118,7 @@ def decode_state(payload: bytes) -> DeviceState:
         edge=texts["edge"],
         profile=texts["profile"],
         line=texts["line"],
-        drift=tuple(_text(name, "drift") for name in drift),
+        drift=tuple(text_field(name, "drift") for name in drift),
         spool_queued=queued,
         spool_dropped=dropped,
     )
-
-
-def _text(value: object, where: str) -> str:
-    if not isinstance(value, str) or not 0 < len(value) <= _MAX_TEXT:
-        raise ValueError(f"{where} must be a string of 1..{_MAX_TEXT} characters")
-    return value

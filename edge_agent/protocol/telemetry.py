@@ -38,6 +38,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Final
 
+from edge_agent.protocol.wire import load_document, text_field
+
 VERSION: Final = 1
 MAX_WINDOW_BYTES: Final = 2048
 MIN_WINDOW_FRAMES: Final = 50
@@ -55,7 +57,6 @@ _KEYS: Final = frozenset(
         *("counts", "moments", "hist", "p_sum", "latency"),
     )
 )
-_MAX_TEXT: Final = 96
 
 
 class PrivacyError(ValueError):
@@ -198,16 +199,9 @@ def decode_window(payload: bytes) -> TelemetryWindow:
         ValueError (PrivacyError included): oversize, not JSON, unknown keys, wrong types,
             or a broken privacy rule.
     """
-    if len(payload) > MAX_WINDOW_BYTES:
-        raise ValueError(f"window of {len(payload)} bytes is over {MAX_WINDOW_BYTES}")
-    document = json.loads(payload)
-    if not isinstance(document, dict):
-        raise ValueError("a window is a JSON object")
-    unknown = set(document) - _KEYS
-    if unknown:
-        raise ValueError(f"unknown keys in window: {', '.join(sorted(unknown))}")
-    if document.get("v") != VERSION:
-        raise ValueError(f"unsupported window version {document.get('v')!r}")
+    document = load_document(
+        payload, what="window", max_bytes=MAX_WINDOW_BYTES, keys=_KEYS, version=VERSION
+    )
     raw_counts = _mapping(document, "counts")
     if set(raw_counts) != set(VERDICT_COUNTS):
         raise ValueError(f"counts must have exactly {', '.join(VERDICT_COUNTS)}")
@@ -216,13 +210,13 @@ def decode_window(payload: bytes) -> TelemetryWindow:
     for name, value in _mapping(document, "moments", optional=True).items():
         if not isinstance(value, list) or len(value) != 3:
             raise ValueError(f"moments.{name} must be [n, sum, sum_sq]")
-        moments[_text(name, "moments key")] = Moments(
+        moments[text_field(name, "moments key")] = Moments(
             _count(value[0], f"moments.{name}.n"),
             _number(value[1], f"moments.{name}.sum"),
             _number(value[2], f"moments.{name}.sum_sq"),
         )
     hist = {
-        _text(name, "hist key"): _counts(value, f"hist.{name}")
+        text_field(name, "hist key"): _counts(value, f"hist.{name}")
         for name, value in _mapping(document, "hist", optional=True).items()
     }
     p_sum: list[float | None] | None = None
@@ -236,9 +230,9 @@ def decode_window(payload: bytes) -> TelemetryWindow:
         seq=_count(document.get("seq"), "seq"),
         t0=_count(document.get("t0"), "t0"),
         t1=_count(document.get("t1"), "t1"),
-        model=_text(document.get("model"), "model"),
-        edge=_text(document.get("edge"), "edge"),
-        ref=_text(document.get("ref"), "ref"),
+        model=text_field(document.get("model"), "model"),
+        edge=text_field(document.get("edge"), "edge"),
+        ref=text_field(document.get("ref"), "ref"),
         counts=counts,
         moments=moments,
         hist=hist,
@@ -268,12 +262,6 @@ def _number(value: object, where: str) -> float:
     if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value):
         raise ValueError(f"{where} must be a finite number")
     return float(value)
-
-
-def _text(value: object, where: str) -> str:
-    if not isinstance(value, str) or not 0 < len(value) <= _MAX_TEXT:
-        raise ValueError(f"{where} must be a string of 1..{_MAX_TEXT} characters")
-    return value
 
 
 def _counts(value: object, where: str) -> list[int]:
