@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import signal
 import sqlite3
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,6 +14,7 @@ import pytest
 
 from edge_agent.cli import main
 from edge_agent.core.synthetic import LineConditions, render_item
+from tests.integration.agent_proc import start_agent
 from tests.integration.reference import ONNX_BUNDLE, UNSEEN_SEED
 from tests.tmpfs import small_tmpfs
 
@@ -64,15 +63,6 @@ def _fill_inbox(inbox: Path, count: int, start: int = 0) -> list[str]:
     return names
 
 
-def _start(config: Path) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "edge_agent.cli", "run", "--config", str(config)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-
-
 def _rows(db: Path) -> list[tuple[str | None, str]]:
     """Committed results; none while the agent has not yet created its schema."""
     if not db.exists():
@@ -117,7 +107,7 @@ def test_hot_folder_with_bad_files_keeps_running(tmp_path: Path) -> None:
     }
     for name, data in bad.items():
         (inbox / name).write_bytes(data)
-    proc = _start(_config(tmp_path, f"folder:{inbox}", "settle_s = 0.2"))
+    proc = start_agent(_config(tmp_path, f"folder:{inbox}", "settle_s = 0.2"))
     try:
         _wait_for(lambda: _inbox_empty(inbox), 60)
     finally:
@@ -136,7 +126,7 @@ def test_hot_folder_with_bad_files_keeps_running(tmp_path: Path) -> None:
 
 def test_sigterm_under_load_drains_in_flight_frames(tmp_path: Path) -> None:
     config = _config(tmp_path, "synthetic:", 'size = "640x480"')
-    proc = _start(config)
+    proc = start_agent(config)
     db = tmp_path / "state" / "results.db"
     _wait_for(lambda: len(_rows(db)) > 50, 60)
     sent = time.monotonic()
@@ -155,14 +145,14 @@ def test_sigkill_under_load_then_restart_processes_every_file_once(tmp_path: Pat
     names = _fill_inbox(inbox, 150)
     config = _config(tmp_path, f"folder:{inbox}", "settle_s = 0.1")
     db = tmp_path / "state" / "results.db"
-    proc = _start(config)
+    proc = start_agent(config)
     _wait_for(lambda: len(_rows(db)) >= 40, 60)
     proc.send_signal(signal.SIGKILL)
     proc.communicate(timeout=10)
     with sqlite3.connect(db) as conn:
         assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     names += _fill_inbox(inbox, 20, start=500)
-    proc = _start(config)
+    proc = start_agent(config)
     try:
         _wait_for(lambda: _inbox_empty(inbox), 90)
         _wait_for(lambda: len(_rows(db)) >= len(names), 10)
@@ -186,7 +176,7 @@ def test_full_disk_for_evidence_never_stops_inspection(tmp_path: Path) -> None:
             'size = "1280x960"\ncount = 300\ndefect_rate = 0.5',
             "evidence_quota_mb = 100",
         )
-        proc = _start(config)
+        proc = start_agent(config)
         _, stderr = proc.communicate(timeout=120)
         assert proc.returncode == 0, stderr
         assert len(_rows(state / "results.db")) == 300

@@ -29,6 +29,7 @@ from edge_agent.sinks.outputs import (
     encode_event,
 )
 from edge_agent.transport import MqttTransport
+from tests.fleet_simulator import wait_for
 from tests.mqtt_broker import MosquittoBroker, connect, free_port, mosquitto_broker  # noqa: F401
 
 TOPIC = "plant/line-3/inspection/verdicts"
@@ -53,12 +54,7 @@ class Inbox:
 
 
 def poll(condition: Callable[[], bool], timeout: float = WAIT_S) -> bool:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.005)
-    return True
+    return wait_for(condition, timeout, interval_s=0.005)
 
 
 def subscribed(broker: MosquittoBroker, topic: str) -> tuple[MqttTransport, Inbox]:
