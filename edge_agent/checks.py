@@ -47,6 +47,7 @@ def check_config(path: Path) -> CheckReport:
     _check_source(cfg, plan, report)
     _check_storage(plan, report)
     _check_fleet(cfg, plan, report)
+    _check_outputs(cfg, report)
     return report
 
 
@@ -152,3 +153,19 @@ def _check_storage(plan: Plan, report: CheckReport) -> None:
             f"[storage] evidence_quota_mb: quota {quota // _MB} MB exceeds free space "
             f"{free // _MB} MB on {existing}"
         )
+
+
+def _check_outputs(cfg: AgentConfig, report: CheckReport) -> None:
+    out = cfg.outputs
+    if out.reject is None and out.mqtt is None:
+        report.lines.append("outputs     none ([outputs] not set)")
+        return
+    if out.reject is not None:
+        r = out.reject
+        report.lines.append(
+            f"reject      {r.pulse_ms:g} ms pulse on line {r.line!r} of {r.chip}, "
+            f"{r.delay_ms:g} ms after capture, on {', '.join(r.outcomes)}"
+        )
+    if out.mqtt is not None:
+        m = out.mqtt
+        report.lines.append(f"verdicts    to {m.broker} topic {m.topic!r}, QoS {m.qos}")

@@ -35,6 +35,14 @@ class ConfigError(Exception):
     """The config or a profile is invalid; the message names the file and every bad key."""
 
 
+def split_host_port(text: str) -> tuple[str, int]:
+    """``host:port`` as (host, port). Raises ValueError naming the text."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"must be host:port, got {text!r}")
+    return host, int(port)
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -183,11 +191,8 @@ class FleetSection(_Strict):
     @field_validator("broker")
     @classmethod
     def _host_port(cls, broker: str | None) -> str | None:
-        if broker is None:
-            return None
-        host, sep, port = broker.rpartition(":")
-        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise ValueError(f"must be host:port, got {broker!r}")
+        if broker is not None:
+            split_host_port(broker)
         return broker
 
     @model_validator(mode="after")
@@ -213,8 +218,7 @@ class FleetSection(_Strict):
     def host_port(self) -> tuple[str, int]:
         if self.broker is None:
             raise RuntimeError("fleet updates are off: no broker")
-        host, _, port = self.broker.rpartition(":")
-        return host, int(port)
+        return split_host_port(self.broker)
 
 
 class TelemetrySection(_Strict):
@@ -234,6 +238,59 @@ class TelemetrySection(_Strict):
         return max(4096, int(self.spool_max_mb * 1024 * 1024))
 
 
+class MqttOutputSection(_Strict):
+    """One message per verdict to the plant's own broker (not the fleet connection)."""
+
+    broker: str  # host:port
+    topic: str
+    qos: Literal[0, 1] = 0
+    client_id: str | None = None  # default: "<device id>-verdicts"
+    tls_ca: Path | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    queue: Annotated[int, Field(ge=1)] = 256
+
+    @field_validator("broker")
+    @classmethod
+    def _broker(cls, broker: str) -> str:
+        split_host_port(broker)
+        return broker
+
+    @field_validator("topic")
+    @classmethod
+    def _topic(cls, topic: str) -> str:
+        from edge_agent.sinks.mqtt_verdicts import validate_verdict_topic
+
+        validate_verdict_topic(topic)
+        return topic
+
+    @model_validator(mode="after")
+    def _tls(self) -> MqttOutputSection:
+        tls = (self.tls_ca, self.tls_cert, self.tls_key)
+        if any(tls) and not all(tls):
+            raise ValueError("tls_ca, tls_cert and tls_key go together")
+        return self
+
+
+class RejectSection(_Strict):
+    """The reject signal: a pulse on a GPIO line for each rejected verdict."""
+
+    chip: str  # "/dev/gpiochipN", or "simulated" on a device without GPIO (tests, demos)
+    line: int | str  # offset on the chip, or the line's name
+    delay_ms: Annotated[float, Field(ge=0)] = 0.0  # capture to pulse: conveyor travel
+    pulse_ms: Annotated[float, Field(gt=0)] = 50.0
+    outcomes: Annotated[list[Literal["fail", "uncertain", "error"]], Field(min_length=1)] = ["fail"]
+    active_low: bool = False
+    max_late_ms: Annotated[float, Field(gt=0)] | None = None
+
+
+class OutputsSection(_Strict):
+    """Line outputs; each is optional, has its own queue and never slows inspection."""
+
+    mqtt: MqttOutputSection | None = None
+    reject: RejectSection | None = None
+
+
 class LogSection(_Strict):
     format: Literal["auto", "json", "text"] = "auto"
     level: Literal["debug", "info", "warning", "error"] = "info"
@@ -249,6 +306,7 @@ class AgentConfig(_Strict):
     storage: StorageSection = StorageSection()
     fleet: FleetSection = FleetSection()
     telemetry: TelemetrySection = TelemetrySection()
+    outputs: OutputsSection = OutputsSection()
     log: LogSection = LogSection()
 
 

@@ -28,11 +28,13 @@ import numpy as np
 from edge_agent.config import AgentConfig, ConfigError, FirmwareProfile
 from edge_agent.core.synthetic import LineConditions
 from edge_agent.inspect import Inspector
+from edge_agent.line_outputs import open_outputs
 from edge_agent.pipeline import Inspection, Pipeline
 from edge_agent.protocol.manifest import Decision
 from edge_agent.runtimes import RuntimeOptions
 from edge_agent.sinks.evidence import EvidenceStore
 from edge_agent.sinks.evidence_writer import EvidenceWriter
+from edge_agent.sinks.outputs import LineOutputError
 from edge_agent.sinks.results_db import ResultRecord, ResultsDB
 from edge_agent.sources.base import FrameSource
 from edge_agent.summary import LineSummary
@@ -282,6 +284,10 @@ class Agent:
     def run(self) -> int:
         plan = self.plan
         plan.state_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            outputs = open_outputs(self.cfg.outputs, plan.device_id)
+        except LineOutputError as e:
+            raise ConfigError(f"[outputs.reject] {e}") from e
         inspector, slots = self._open_model()
         db = ResultsDB.open_or_recover(
             plan.results_db,
@@ -338,6 +344,8 @@ class Agent:
         try:
             for item in pipeline.run_with_heartbeat(source, heartbeat_s=0.25):
                 if item is not None:
+                    if outputs is not None:
+                        outputs.offer_inspection(item)  # first: the reject has a deadline
                     pending[item.frame.frame_id] = item
                     path = evidence.submit(item.frame, item.verdict.outcome.value)
                     acknowledge(db.add(_record(item, path)))
@@ -359,6 +367,8 @@ class Agent:
                     next_retention = now + RETENTION_INTERVAL_S
                     db.enforce_retention(time.time())
         finally:
+            if outputs is not None:
+                outputs.close()
             if updates is not None:
                 updates.stop()
             telemetry.stop(time.time())

@@ -26,6 +26,7 @@ import heapq
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -129,12 +130,13 @@ class GpiodRejectLine:
 
 
 class SimulatedRejectLine:
-    """A RejectLine that records every write as ``(clock(), active)``; thread-safe."""
+    """A RejectLine that records every write as ``(clock(), active)``; thread-safe. It
+    keeps the last ``keep`` writes, so an agent configured with it runs for months."""
 
-    def __init__(self, clock: Clock = time.monotonic) -> None:
+    def __init__(self, clock: Clock = time.monotonic, keep: int = 100_000) -> None:
         self._clock = clock
         self._lock = threading.Lock()
-        self._writes: list[tuple[float, bool]] = []
+        self._writes: deque[tuple[float, bool]] = deque(maxlen=keep)
         self.closed = False
 
     def set_active(self, active: bool) -> None:
