@@ -279,7 +279,14 @@ def _scan(directory: Path) -> dict[int, int]:
     with os.scandir(directory) as entries:
         for entry in entries:
             match = _WINDOW_RE.fullmatch(entry.name)
-            if match is not None and entry.is_file(follow_symlinks=False):
-                found.append((int(match.group(1)), entry.stat().st_size))
+            if match is None or not entry.is_file(follow_symlinks=False):
+                continue
+            try:
+                size = entry.stat().st_size
+            except FileNotFoundError:
+                # Sent and deleted by the running agent while another process (the
+                # status command) was reading the directory: no longer queued.
+                continue
+            found.append((int(match.group(1)), size))
     found.sort()
     return dict(found)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -181,3 +182,32 @@ def test_state_file_is_small_json(tmp_path: Path) -> None:
         "next_seq": 3,
         "dropped": 2,
     }
+
+
+def test_read_counts_while_the_owner_sends_and_deletes(tmp_path: Path) -> None:
+    # `edge-agent status` reads the spool from another process while the agent deletes
+    # the windows it has sent: a file that vanishes between listing and stat is simply
+    # no longer queued.
+    spool = Spool(tmp_path / "spool", max_bytes=1 << 24, max_windows=100_000)
+    stop = threading.Event()
+    failures: list[BaseException] = []
+
+    def reader() -> None:
+        while not stop.is_set():
+            try:
+                read_counts(tmp_path / "spool")
+            except FileNotFoundError as e:
+                failures.append(e)
+                return
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    try:
+        for _ in range(300):
+            seq = spool.next_seq
+            spool.append(seq, b"{}" * 100)
+            spool.remove(seq)
+    finally:
+        stop.set()
+        thread.join()
+    assert failures == []
