@@ -73,14 +73,14 @@ class WindowAccumulator:
         self.max_seconds = max_seconds
         self._rows = np.empty((max_frames, len(FEATURE_NAMES)), dtype=np.float64)
         self._latency = np.empty(max_frames, dtype=np.float64)
-        self._reset(None)
+        self._reset()
 
-    def _reset(self, started: float | None) -> None:
+    def _reset(self) -> None:
         # The window's clock starts with its first frame, so an idle line sends nothing.
         self._n_rows = 0
         self._counts = dict.fromkeys((*_OUTCOMES, "dropped"), 0)
-        self._t0: float | None = started
-        self._timer: float | None = started
+        self._t0: float | None = None
+        self._timer: float | None = None
 
     @property
     def frames(self) -> int:
@@ -158,7 +158,7 @@ class WindowAccumulator:
             p_sum=p_sum,
             latency=latency,
         )
-        self._reset(None)
+        self._reset()
         return window
 
 

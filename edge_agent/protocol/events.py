@@ -14,7 +14,9 @@ import json
 import math
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Final
+from typing import Any, Final
+
+from edge_agent.protocol.wire import load_document
 
 VERSION: Final = 1
 MAX_EVENT_BYTES: Final = 2048
@@ -84,13 +86,10 @@ def decode_event(payload: bytes) -> UpdateEvent:
     Raises:
         ValueError: oversize, not JSON, unknown keys or event kind, wrong types.
     """
-    if len(payload) > MAX_EVENT_BYTES:
-        raise ValueError(f"event of {len(payload)} bytes is over {MAX_EVENT_BYTES}")
-    document = json.loads(payload)
-    if not isinstance(document, dict) or not set(document) <= _KEYS:
-        raise ValueError(f"unexpected keys in event: {document!r}"[:200])
-    if document.get("v") != VERSION:
-        raise ValueError(f"unsupported event version {document.get('v')!r}")
+    # Any: every field is checked below, one by one.
+    document: dict[str, Any] = load_document(
+        payload, what="event", max_bytes=MAX_EVENT_BYTES, keys=_KEYS, version=VERSION
+    )
     kind = EventKind(document["event"])
     ts = document["ts"]
     if not isinstance(ts, int | float) or isinstance(ts, bool):

@@ -24,7 +24,7 @@ def load_document(
         raise ValueError(f"{what} of {len(payload)} bytes is over {max_bytes}")
     document = json.loads(payload)
     if not isinstance(document, dict):
-        raise ValueError(f"a {what} is a JSON object")
+        raise ValueError(f"{what}: not a JSON object")
     unknown = set(document) - keys
     if unknown:
         raise ValueError(f"unknown keys in {what}: {', '.join(sorted(unknown))}")
