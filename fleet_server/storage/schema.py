@@ -11,6 +11,15 @@ creates whatever is missing.
 - ``alerts``: drift alerts with their evidence, lifecycle and webhook delivery status.
   At most one open alert per (scope, scope_key, feature, direction): a partial unique
   index (SQLite and PostgreSQL both have them).
+- ``releases``: the model registry, mirrored from the signed ``release`` role (one row per
+  released bundle target) with the bundle's model card.
+- ``rollouts``, ``rollout_waves``, ``rollout_devices``: staged rollouts, their waves with
+  the gate figures, and every targeted or skipped device with its progress.
+- ``update_events``: the devices' update events (``devices/{id}/events``), as sent.
+- ``operators``, ``api_tokens``: operator accounts and their tokens (API tokens and
+  console sessions; only a SHA-256 of each token is stored).
+- ``audit_log``: every change made through the API, the console or the CLI: who, what,
+  when.
 
 Times are stored as timezone-aware UTC datetimes (``UtcDateTime``).
 """
@@ -76,9 +85,14 @@ class Device(Base):
     __tablename__ = "devices"
 
     id: Mapped[str] = mapped_column(String(ID_LENGTH), primary_key=True)
+    # The device's group: the production line it reports in its state.
     line: Mapped[str | None] = mapped_column(String(TEXT_LENGTH), index=True)
+    # Set by an operator (the device does not know its site).
+    site: Mapped[str | None] = mapped_column(String(TEXT_LENGTH), index=True)
     profile: Mapped[str | None] = mapped_column(String(TEXT_LENGTH), index=True)
     model: Mapped[str | None] = mapped_column(String(TEXT_LENGTH), index=True)
+    # The model the device ran before ``model`` (kept when the state reports a new one).
+    previous_model: Mapped[str | None] = mapped_column(String(TEXT_LENGTH))
     edge_version: Mapped[str | None] = mapped_column(String(TEXT_LENGTH))
     status: Mapped[str] = mapped_column(String(16), default="unknown")
     # Features the device's own drift check alarms on (from its state message).
@@ -146,3 +160,131 @@ class AlertRow(Base):
     webhook_attempts: Mapped[int] = mapped_column(Integer, default=0)
     webhook_error: Mapped[str | None] = mapped_column(String(400))
     webhook_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+
+
+class ReleaseRow(Base):
+    """A released bundle (``models/<name>-<version>.tar``) as the ``release`` role lists it."""
+
+    __tablename__ = "releases"
+    __table_args__ = (UniqueConstraint("name", "version", name="uq_release_name_version"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    target_path: Mapped[str] = mapped_column(String(200), unique=True)
+    name: Mapped[str] = mapped_column(String(TEXT_LENGTH), index=True)
+    version: Mapped[str] = mapped_column(String(TEXT_LENGTH))
+    runtime: Mapped[str] = mapped_column(String(32))
+    profiles: Mapped[list[str]] = mapped_column(JSON)
+    size: Mapped[int] = mapped_column(Integer)
+    sha256: Mapped[str] = mapped_column(String(64))
+    release_counter: Mapped[int] = mapped_column(Integer)
+    # The bundle's model card (bundle.json's descriptive fields), shown in the console.
+    model_card: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    released_at: Mapped[datetime] = mapped_column(UtcDateTime, index=True)
+
+
+class RolloutRow(Base):
+    __tablename__ = "rollouts"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    release_id: Mapped[int] = mapped_column(ForeignKey("releases.id"), index=True)
+    # pending | running | paused | halted | completed | aborted | rolled_back
+    state: Mapped[str] = mapped_column(String(16), index=True)
+    # {"groups": [...], "sites": [...], "profiles": [...], "devices": [...]}
+    target: Mapped[dict[str, Any]] = mapped_column(JSON)
+    # The wave plan as given, e.g. [{"devices": 1}, {"percent": 10}, {"percent": 100}].
+    plan: Mapped[list[dict[str, Any]]] = mapped_column(JSON)
+    # Gate thresholds (names to numbers); see fleet_server.domain.rollout.
+    gates: Mapped[dict[str, Any]] = mapped_column(JSON)
+    pause_s: Mapped[float] = mapped_column(Float)
+    auto_rollback: Mapped[bool] = mapped_column(default=False)
+    current_wave: Mapped[int] = mapped_column(Integer, default=0)
+    reason: Mapped[str | None] = mapped_column(String(400))
+    created_by: Mapped[str] = mapped_column(String(TEXT_LENGTH))
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, index=True)
+    updated_at: Mapped[datetime] = mapped_column(UtcDateTime)
+
+
+class RolloutWaveRow(Base):
+    __tablename__ = "rollout_waves"
+    __table_args__ = (UniqueConstraint("rollout_id", "number", name="uq_wave_rollout_number"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    rollout_id: Mapped[int] = mapped_column(ForeignKey("rollouts.id"), index=True)
+    number: Mapped[int] = mapped_column(Integer)  # 0-based
+    size: Mapped[int] = mapped_column(Integer)
+    # pending | assigned | observing | passed | failed | rolled_back | aborted
+    state: Mapped[str] = mapped_column(String(16))
+    # Gate name -> {"value": x, "limit": y, "passed": bool, "detail": "..."}
+    gate_results: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    started_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    finished_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+
+
+class RolloutDeviceRow(Base):
+    __tablename__ = "rollout_devices"
+    __table_args__ = (UniqueConstraint("rollout_id", "device_id", name="uq_rollout_device"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    rollout_id: Mapped[int] = mapped_column(ForeignKey("rollouts.id"), index=True)
+    device_id: Mapped[str] = mapped_column(String(ID_LENGTH), index=True)
+    wave: Mapped[int | None] = mapped_column(Integer)  # None: skipped
+    # skipped | pending | assigned | activated | failed | rolled_back
+    status: Mapped[str] = mapped_column(String(16), index=True)
+    reason: Mapped[str | None] = mapped_column(String(400))
+    # The model the device ran before the rollout (what a rollback assigns again).
+    previous_target: Mapped[str | None] = mapped_column(String(200))
+    assigned_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    activated_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+
+
+class UpdateEventRow(Base):
+    __tablename__ = "update_events"
+    __table_args__ = (Index("ix_update_events_device_received", "device_id", "received_at"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    device_id: Mapped[str] = mapped_column(String(ID_LENGTH))
+    event: Mapped[str] = mapped_column(String(32), index=True)
+    ts: Mapped[float] = mapped_column(Float)  # the device's clock
+    target: Mapped[str | None] = mapped_column(String(200), index=True)
+    sha256: Mapped[str | None] = mapped_column(String(64))
+    percent: Mapped[int | None] = mapped_column(Integer)
+    reason: Mapped[str | None] = mapped_column(String(64))
+    detail: Mapped[str | None] = mapped_column(String(400))
+    figures: Mapped[dict[str, float]] = mapped_column(JSON, default=dict)
+    received_at: Mapped[datetime] = mapped_column(UtcDateTime)
+
+
+class OperatorRow(Base):
+    __tablename__ = "operators"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    username: Mapped[str] = mapped_column(String(TEXT_LENGTH), unique=True)
+    password_hash: Mapped[str] = mapped_column(String(200))
+    role: Mapped[str] = mapped_column(String(16))  # viewer | operator | admin
+    disabled: Mapped[bool] = mapped_column(default=False)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime)
+
+
+class ApiTokenRow(Base):
+    __tablename__ = "api_tokens"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    operator_id: Mapped[int] = mapped_column(ForeignKey("operators.id"), index=True)
+    kind: Mapped[str] = mapped_column(String(16))  # api | session
+    name: Mapped[str] = mapped_column(String(TEXT_LENGTH))
+    token_sha256: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    expires_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    revoked_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    last_used_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+
+
+class AuditRow(Base):
+    __tablename__ = "audit_log"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    at: Mapped[datetime] = mapped_column(UtcDateTime, index=True)
+    actor: Mapped[str] = mapped_column(String(TEXT_LENGTH), index=True)
+    action: Mapped[str] = mapped_column(String(64), index=True)  # e.g. rollout.pause
+    subject: Mapped[str] = mapped_column(String(200))  # e.g. rollout/3, device/cam-7
+    detail: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
