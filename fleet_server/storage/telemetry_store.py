@@ -64,6 +64,8 @@ class TelemetryStore:
             if state.ts is not None:
                 device.state_ts = state.ts
             if state.model is not None:
+                if device.model is not None and device.model != state.model:
+                    device.previous_model = device.model
                 device.model = state.model
             if state.edge is not None:
                 device.edge_version = state.edge
