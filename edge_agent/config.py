@@ -109,6 +109,9 @@ class SourceSection(_Strict):
     seed: int = 1
     defect_rate: Annotated[float, Field(ge=0, le=1)] = 0.1
     brightness: Annotated[float, Field(gt=0)] = 1.0
+    # Lighting drifts linearly from `brightness` to `brightness_end` over `ramp_frames`.
+    brightness_end: Annotated[float, Field(gt=0)] | None = None
+    ramp_frames: Annotated[int, Field(ge=1)] = 1
     variant: str = "a"
     size: Annotated[str, Field(pattern=r"^[0-9]+x[0-9]+$")] = "1280x960"
     count: Annotated[int, Field(ge=1)] | None = None

@@ -155,6 +155,8 @@ def build_source(cfg: AgentConfig, plan: Plan, db: ResultsDB | None) -> FrameSou
             fps=src.fps or 0.0,
             count=src.count,
             encode_jpeg=True,
+            brightness_end=src.brightness_end,
+            ramp_frames=src.ramp_frames,
         )
     if scheme == "folder":
         from edge_agent.sources.folder import FolderSource

@@ -7,7 +7,7 @@ import io
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import cv2
@@ -27,6 +27,9 @@ class SyntheticLine:
     ``fps`` paces frames in real time (0: as fast as they render). ``encode_jpeg`` hands
     out JPEG bytes as a camera or hot folder would, so the pipeline decodes them.
     ``labels`` records the true label of each frame id, for measuring accuracy.
+    ``brightness_end`` with ``ramp_frames`` changes the lighting linearly from
+    ``conditions.brightness`` at frame 0 to ``brightness_end`` at frame ``ramp_frames`` and
+    holds it there: a lamp ageing or a shutter drifting, for drift scenarios.
     """
 
     seed: int = 0
@@ -37,6 +40,8 @@ class SyntheticLine:
     encode_jpeg: bool = False
     jpeg_quality: int = 90
     labels: dict[int, str] = field(default_factory=dict)
+    brightness_end: float | None = None
+    ramp_frames: int = 1
     stop_event: threading.Event = field(default_factory=threading.Event)
     counters: SourceCounters = field(default_factory=SourceCounters)
 
@@ -52,6 +57,14 @@ class SyntheticLine:
     def ack(self, frame: Frame, outcome: str) -> None:
         """Nothing to do: synthetic frames own no files."""
 
+    def conditions_at(self, index: int) -> LineConditions:
+        """The line's conditions at frame ``index`` (the brightness ramp applied)."""
+        if self.brightness_end is None:
+            return self.conditions
+        start = self.conditions.brightness
+        share = min(1.0, index / max(1, self.ramp_frames))
+        return replace(self.conditions, brightness=start + (self.brightness_end - start) * share)
+
     def close(self) -> None:
         self.stop_event.set()
 
@@ -60,7 +73,7 @@ class SyntheticLine:
         next_due = time.monotonic()
         index = 0
         while (self.count is None or index < self.count) and not self.stop_event.is_set():
-            item = render_item(self.seed, index, self.size, self.conditions)
+            item = render_item(self.seed, index, self.size, self.conditions_at(index))
             self.labels[index] = item.label
             if period:
                 delay = next_due - time.monotonic()

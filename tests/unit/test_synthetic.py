@@ -158,3 +158,36 @@ def test_bad_arguments_raise_value_error(
 ) -> None:
     with pytest.raises(ValueError, match=message):
         render_item(1, 0, size, conditions, defect=defect)
+
+
+def test_brightness_ramp_darkens_the_line_then_holds() -> None:
+    from edge_agent.sources.synthetic import SyntheticLine
+
+    line = SyntheticLine(
+        seed=3,
+        size=(160, 120),
+        conditions=LineConditions(brightness=1.0),
+        brightness_end=0.6,
+        ramp_frames=4,
+        count=6,
+    )
+    assert [round(line.conditions_at(i).brightness, 3) for i in range(6)] == [
+        1.0,
+        0.9,
+        0.8,
+        0.7,
+        0.6,
+        0.6,
+    ]
+    means = [float(frame.image.mean()) for frame in line if frame.image is not None]
+    assert len(means) == 6
+    assert means[4] < 0.75 * means[0]
+    assert means[5] < 0.75 * means[0]
+
+
+def test_no_ramp_keeps_the_conditions() -> None:
+    from edge_agent.sources.synthetic import SyntheticLine
+
+    conditions = LineConditions(brightness=0.9)
+    line = SyntheticLine(conditions=conditions)
+    assert line.conditions_at(10_000) is conditions
