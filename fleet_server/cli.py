@@ -12,23 +12,18 @@ import argparse
 import logging
 import signal
 import sys
-import tempfile
 import threading
 from datetime import datetime, timezone
 from pathlib import Path
 from types import FrameType
 
-from edge_agent.bundle import load_bundle
-from edge_agent.config import ConfigError, load_profile, profile_search_path
+from edge_agent.config import ConfigError, load_profile
 from edge_agent.protocol import topics
 from edge_agent.protocol.errors import BundleError
 from edge_agent.transport import MqttTransport, TlsFiles
-from edge_agent.update.unpack import pack_bundle
 from fleet_server.compatibility import (
     CompatibilityError,
     check_assignment,
-    find_profiles,
-    release_profiles,
 )
 from fleet_server.ingest_service import (
     INGEST_DESCRIPTION,
@@ -36,6 +31,7 @@ from fleet_server.ingest_service import (
     ingest_options,
     run_ingest,
 )
+from fleet_server.releasing import release_bundle
 from fleet_server.repository import (
     DIRECTOR_ROLE,
     RELEASE_ROLE,
@@ -293,27 +289,14 @@ def _cmd_release(args: argparse.Namespace) -> int:
     if args.profiles is not None:
         requested = [name.strip() for name in args.profiles.split(",") if name.strip()]
     fleet = _open_repository(args.repo, args.keys)
-    # Verified first: pack_bundle archives the directory as it is.
-    manifest = load_bundle(args.bundle_dir).manifest
-    runtime = manifest.runtime.value
-    profiles = release_profiles(runtime, find_profiles(profile_search_path()), requested)
-    with tempfile.TemporaryDirectory(prefix="fleet-release-") as tmp:
-        tar = Path(tmp) / "bundle.tar"
-        try:
-            pack_bundle(args.bundle_dir, tar)
-        except ValueError as e:  # a name or file type a device would refuse to unpack
-            raise UsageError(f"cannot pack {args.bundle_dir}: {e}") from e
-        counter = fleet.add_release(
-            manifest.name,
-            manifest.version,
-            tar,
-            runtime=runtime,
-            profiles=profiles,
-            now=_now(),
-        )
+    try:
+        released = release_bundle(fleet, args.bundle_dir, now=_now(), profiles=requested)
+    except ValueError as e:  # a name or file type a device would refuse to unpack
+        raise UsageError(f"cannot pack {args.bundle_dir}: {e}") from e
     print(
-        f"released {release_path(manifest.name, manifest.version)} "
-        f"release_counter={counter} runtime={runtime} profiles={','.join(profiles)}"
+        f"released {released.target_path} "
+        f"release_counter={released.release_counter} runtime={released.runtime} "
+        f"profiles={','.join(released.profiles)}"
     )
     return 0
 
