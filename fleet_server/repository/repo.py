@@ -21,8 +21,12 @@ read-modify-write cycles. Time always comes in as ``now``.
 from __future__ import annotations
 
 import fcntl
+import json
 import os
-from collections.abc import Iterator
+import tempfile
+import threading
+from collections.abc import Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
@@ -48,6 +52,7 @@ from tuf.api.serialization.json import JSONSerializer
 from edge_agent.durable import fsync_dir
 from edge_agent.protocol.repository import (
     ASSIGNMENTS_PATTERN,
+    ASSIGNMENTS_PREFIX,
     DIRECTOR_ROLE,
     MODELS_PATTERN,
     RELEASE_ROLE,
@@ -283,6 +288,72 @@ class FleetRepository:
             write_atomic(self.targets_dir / path, content)
             self._publish_targets(DIRECTOR_ROLE, director, now)
 
+    def assign_many(self, assignments: Mapping[str, str], *, now: datetime) -> None:
+        """Publish ``assignments/<device_id>`` for every ``device_id -> target_path`` of
+        ``assignments`` with one signing of director, snapshot and timestamp.
+
+        All or nothing: every pair is checked before any file is written. An empty mapping
+        changes nothing. Assigning a device its previous target again is how a rollback
+        works (the release counter check on the device still applies).
+
+        Raises:
+            RepositoryError: an invalid device id, a target that is not a released model
+                (both named), or keys are missing.
+        """
+        if not assignments:
+            return
+        for device_id in assignments:
+            check_segment("device id", device_id)
+        with self._locked():
+            release = self._read(RELEASE_ROLE, Targets)
+            for device_id, target_path in assignments.items():
+                if (
+                    not target_path.startswith("models/")
+                    or target_path not in release.signed.targets
+                ):
+                    raise RepositoryError(
+                        f"{target_path!r} (for device {device_id!r}) is not a released model target"
+                    )
+            self._check_keys(DIRECTOR_ROLE)
+            director = self._read(DIRECTOR_ROLE, Targets)
+            files: dict[Path, bytes] = {}
+            for device_id, target_path in sorted(assignments.items()):
+                path = assignment_path(device_id)
+                content = assignment_bytes(device_id, target_path)
+                director.signed.targets[path] = TargetFile.from_data(path, content, ["sha256"])
+                files[self.targets_dir / path] = content
+            _write_many(files)
+            self._publish_targets(DIRECTOR_ROLE, director, now)
+
+    def release_targets(self) -> dict[str, TargetFile]:
+        """Every target the ``release`` role lists, by path (with its custom fields).
+
+        Raises:
+            RepositoryError: no release metadata (the repository was not created).
+        """
+        return dict(self._read(RELEASE_ROLE, Targets).signed.targets)
+
+    def assignments(self) -> dict[str, str]:
+        """The published assignments, ``device_id -> target_path``, read back from the
+        assignment files the ``director`` role lists.
+
+        Raises:
+            RepositoryError: no director metadata, or an assignment file is missing or
+                not an assignment document.
+        """
+        director = self._read(DIRECTOR_ROLE, Targets)
+        found: dict[str, str] = {}
+        for path in director.signed.targets:
+            file = self.targets_dir / path
+            try:
+                document = json.loads(file.read_bytes())
+            except (OSError, ValueError) as e:
+                raise RepositoryError(f"cannot read assignment {file}: {e}") from e
+            if not isinstance(document, dict) or not isinstance(document.get("target"), str):
+                raise RepositoryError(f"{file} is not an assignment document")
+            found[path.removeprefix(ASSIGNMENTS_PREFIX)] = document["target"]
+        return found
+
     def refresh_timestamp(self, *, now: datetime) -> None:
         """Re-sign timestamp (next version) to expire one timestamp lifetime after ``now``.
 
@@ -432,3 +503,43 @@ class FleetRepository:
     def _write(self, name: str, md: Metadata[_S]) -> None:
         data = md.to_bytes(JSONSerializer(compact=False))
         write_atomic(self.metadata_dir / f"{name}.json", data)
+
+
+# Published files are served to devices: world-readable (as ``atomic.write_atomic``).
+_PUBLISHED_MODE = 0o644
+# Threads that fsync the staged files of one batch at once: the journal commits them
+# together (1,000 assignments take well under a second instead of one fsync each).
+_WRITE_THREADS = 16
+
+
+def _write_many(files: Mapping[Path, bytes]) -> None:
+    """Publish every ``path -> data`` of ``files`` atomically, world-readable: each is
+    staged in a temp file and fsynced (in parallel), then renamed into place; each
+    directory is fsynced once at the end. Temp files are removed on failure.
+    """
+    staged: dict[Path, Path] = {}
+    lock = threading.Lock()
+
+    def stage(item: tuple[Path, bytes]) -> None:
+        path, data = item
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        tmp = Path(name)
+        with lock:
+            staged[path] = tmp
+        with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), _PUBLISHED_MODE)
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+
+    try:
+        with ThreadPoolExecutor(max_workers=_WRITE_THREADS) as pool:
+            list(pool.map(stage, files.items()))
+        for path in files:
+            os.replace(staged.pop(path), path)
+    finally:
+        for tmp in staged.values():
+            tmp.unlink(missing_ok=True)
+    for directory in {path.parent for path in files}:
+        fsync_dir(directory)
