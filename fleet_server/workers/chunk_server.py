@@ -25,7 +25,7 @@ import logging
 import os
 import stat
 import threading
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from pathlib import Path
 
 from edge_agent.protocol import topics
@@ -80,6 +80,10 @@ class ChunkServer:
         self._lock = threading.Lock()
         self.reads_from_disk = 0
         self.requests_served = 0
+        # Bytes read from the store, by the directory of the served path ("metadata",
+        # "targets/models", "targets/assignments"): a bench divides the models share by
+        # the bundle size to see how often a bundle was read.
+        self.bytes_read: Counter[str] = Counter()
         # Last: requests may be handled as soon as the filter is known.
         # QoS 0: the device retries a chunk itself; see edge_agent.update.mqtt_fetcher.
         transport.subscribe(topics.device_filter("fetch"), self.handle, qos=0)
@@ -146,9 +150,11 @@ class ChunkServer:
             size = info.st_size
             self._remember(path, (info.st_dev, info.st_ino, info.st_mtime_ns, size))
             if size > self._cache_bytes:
+                chunk = os.pread(fd, min(length, max(size - offset, 0)), offset)
                 with self._lock:
                     self.reads_from_disk += 1
-                return size, os.pread(fd, min(length, max(size - offset, 0)), offset)
+                    self.bytes_read[_directory(path)] += len(chunk)
+                return size, chunk
             key = (path, info.st_dev, info.st_ino, info.st_mtime_ns, size)
             with self._lock:
                 data = self._cache.get(key)
@@ -156,6 +162,8 @@ class ChunkServer:
                     self._cache.move_to_end(key)
             if data is None:
                 data = _read_exactly(fd, size)
+                with self._lock:
+                    self.bytes_read[_directory(path)] += len(data)
                 self._store(key, data)
         finally:
             os.close(fd)
@@ -204,6 +212,11 @@ class ChunkServer:
             self.requests_served += 1
         if not self._transport.publish(topics.data(device_id), encode_answer(answer), qos=0):
             self._logger.debug("answer to %s not queued (offline)", device_id)
+
+
+def _directory(path: str) -> str:
+    """The directory part of a served path: ``targets/models/a.tar`` -> ``targets/models``."""
+    return path.rpartition("/")[0]
 
 
 def _read_exactly(fd: int, size: int) -> bytes:
