@@ -12,6 +12,7 @@ and camera defaults. Profile values are defaults that the agent config may overr
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import sys
 from pathlib import Path
@@ -287,11 +288,76 @@ class RejectSection(_Strict):
     max_late_ms: Annotated[float, Field(gt=0)] | None = None
 
 
+def is_loopback_host(host: str) -> bool:
+    """True for ``localhost`` and loopback addresses (127.0.0.0/8, ::1)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+class RestSection(_Strict):
+    """The local REST API (needs the ``outputs`` and ``server`` extras on the device).
+
+    Off the loopback interface a bearer token is required: ``token_file`` holds it (one
+    line, at least 16 characters)."""
+
+    listen: str = "127.0.0.1:8080"  # host:port
+    token_file: Path | None = None
+    max_image_mb: Annotated[float, Field(gt=0, le=256)] = 16.0
+    results_limit: Annotated[int, Field(ge=1, le=100_000)] = 1000
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, listen: str) -> str:
+        split_host_port(listen)
+        return listen
+
+    @model_validator(mode="after")
+    def _token_off_loopback(self) -> RestSection:
+        host, _ = split_host_port(self.listen)
+        if self.token_file is None and not is_loopback_host(host):
+            raise ValueError(
+                f"listen {self.listen!r} is not a loopback address: token_file is required"
+            )
+        return self
+
+
+class OpcUaSection(_Strict):
+    """An OPC UA server with the latest verdict, counters, model and drift flag."""
+
+    listen: str = "127.0.0.1:4840"  # host:port
+    queue: Annotated[int, Field(ge=1)] = 64
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, listen: str) -> str:
+        split_host_port(listen)
+        return listen
+
+
 class OutputsSection(_Strict):
     """Line outputs; each is optional, has its own queue and never slows inspection."""
 
     mqtt: MqttOutputSection | None = None
     reject: RejectSection | None = None
+    rest: RestSection | None = None
+    opcua: OpcUaSection | None = None
+
+
+class MetricsSection(_Strict):
+    """Prometheus metrics on their own address (they are also at the REST API's /metrics)."""
+
+    listen: str | None = None  # host:port; unset: only at [outputs.rest]
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, listen: str | None) -> str | None:
+        if listen is not None:
+            split_host_port(listen)
+        return listen
 
 
 class LogSection(_Strict):
@@ -310,6 +376,7 @@ class AgentConfig(_Strict):
     fleet: FleetSection = FleetSection()
     telemetry: TelemetrySection = TelemetrySection()
     outputs: OutputsSection = OutputsSection()
+    metrics: MetricsSection = MetricsSection()
     log: LogSection = LogSection()
 
 
@@ -335,6 +402,12 @@ def load_config(path: Path) -> AgentConfig:
             value = section.get(key)
             if isinstance(value, str) and not os.path.isabs(value):
                 section[key] = os.path.normpath(base / value)
+    outputs = raw.get("outputs")
+    rest = outputs.get("rest") if isinstance(outputs, dict) else None
+    if isinstance(rest, dict):
+        token_file = rest.get("token_file")
+        if isinstance(token_file, str) and not os.path.isabs(token_file):
+            rest["token_file"] = os.path.normpath(base / token_file)
     source = raw.get("source")
     if isinstance(source, dict) and isinstance(source.get("url"), str):
         scheme, sep, target = source["url"].partition(":")

@@ -34,10 +34,10 @@ from edge_agent.protocol.manifest import Decision
 from edge_agent.runtimes import RuntimeOptions
 from edge_agent.sinks.evidence import EvidenceStore
 from edge_agent.sinks.evidence_writer import EvidenceWriter
-from edge_agent.sinks.outputs import LineOutputError
 from edge_agent.sinks.results_db import ResultRecord, ResultsDB
 from edge_agent.sources.base import FrameSource
 from edge_agent.summary import LineSummary
+from edge_agent.systemd import ServiceNotifier
 from edge_agent.telemetry.device import DeviceTelemetry, TelemetrySettings
 from edge_agent.telemetry.presence import will_of
 from edge_agent.telemetry.spool import SpoolError
@@ -286,10 +286,13 @@ class Agent:
     def run(self) -> int:
         plan = self.plan
         plan.state_dir.mkdir(parents=True, exist_ok=True)
-        try:
-            outputs = open_outputs(self.cfg.outputs, plan.device_id)
-        except LineOutputError as e:
-            raise ConfigError(f"[outputs.reject] {e}") from e
+        outputs = open_outputs(  # raises ConfigError naming the output's section
+            self.cfg.outputs,
+            plan.device_id,
+            metrics=self.cfg.metrics,
+            state_dir=plan.state_dir,
+            open_model=lambda path: open_inspector(plan, path),
+        )
         inspector, slots = self._open_model()
         db = ResultsDB.open_or_recover(
             plan.results_db,
@@ -322,6 +325,8 @@ class Agent:
         updates: UpdateManager | None = None
         if slots is not None and transport is not None:
             updates = self._start_updates(slots, pipeline, transport)
+        if outputs is not None:
+            outputs.attach(pipeline, updates)  # REST status, metrics and OPC UA read the line
         log.info(
             "agent started",
             extra={
@@ -334,6 +339,7 @@ class Agent:
             },
         )
         summary = LineSummary(self.cfg.log.summary_interval_s)
+        systemd = ServiceNotifier.from_environment()
         pending: dict[int, Inspection] = {}
         next_retention = time.monotonic() + RETENTION_INTERVAL_S
 
@@ -363,12 +369,14 @@ class Agent:
                     acknowledge(db.flush())
                     telemetry.tick(pipeline.counters.dropped, time.time())
                 now = time.monotonic()
+                systemd.beat(now, pipeline.counters)  # READY=1 first, then the watchdog
                 if summary.due(now):
                     summary.log(now, pipeline, source, evidence)
                 if now >= next_retention:
                     next_retention = now + RETENTION_INTERVAL_S
                     db.enforce_retention(time.time())
         finally:
+            systemd.stopping()
             if outputs is not None:
                 outputs.close()
             if updates is not None:
