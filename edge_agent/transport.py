@@ -214,13 +214,32 @@ class MqttTransport:
         the same filter replaces the handler. An exception raised by `handler` is logged
         with the topic and the next message is delivered as usual.
         """
+        self._subscribe(topic_filter, topic_filter, handler, qos)
+
+    def subscribe_shared(
+        self, group: str, topic_filter: str, handler: Handler, qos: int = 1
+    ) -> None:
+        """`subscribe`, as the shared subscription ``$share/<group>/<topic_filter>``: the
+        broker gives each matching message to one of the group's subscribers (MQTT 5;
+        Mosquitto 2 also for MQTT 3.1.1 clients). Brokers send no retained messages on a
+        shared subscription.
+
+        Raises:
+            ValueError: ``group`` is empty or holds ``/``, ``+`` or ``#``.
+        """
+        if not group or any(c in group for c in "/+#"):
+            raise ValueError(f"invalid shared subscription group: {group!r}")
+        self._subscribe(topic_filter, f"$share/{group}/{topic_filter}", handler, qos)
+
+    def _subscribe(self, topic_filter: str, wire_filter: str, handler: Handler, qos: int) -> None:
         # Handler first: a retained message may arrive as soon as the filter is known.
+        # paho matches delivered topics against the plain filter, never a $share one.
         self._client.message_callback_add(topic_filter, self._dispatcher(topic_filter, handler))
         with self._lock:
-            self._subscriptions[topic_filter] = qos
+            self._subscriptions[wire_filter] = qos
         if self._connected.is_set():
             # If not connected (or the connection drops now), _on_connect subscribes.
-            self._client.subscribe(topic_filter, qos=qos)
+            self._client.subscribe(wire_filter, qos=qos)
 
     def stop(self) -> None:
         """Disconnect cleanly (the will is not published) and stop the network thread.

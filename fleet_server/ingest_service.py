@@ -1,8 +1,10 @@
 """``fleet-server ingest``: its options, and the one place that wires the ingest objects.
 
-Database -> stores -> reference library -> drift monitor (rebuilt from stored windows)
--> webhook sender (optional) -> ingest worker on the MQTT transport; then wait for
-``stop`` and take it all down in reverse order.
+``start_ingest`` (also used by ``fleet-server serve``): stores -> reference library ->
+drift monitor -> drift feed (rebuilt from stored windows, then tailing the table) ->
+webhook sender (optional) -> ingest worker on the MQTT transport; leaving the context
+takes it all down in reverse order. ``run_ingest`` is the command: the database, then
+``start_ingest``, then the transport, until ``stop``.
 """
 
 from __future__ import annotations
@@ -10,8 +12,12 @@ from __future__ import annotations
 import argparse
 import logging
 import threading
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+
+from sqlalchemy import Engine
 
 from edge_agent.transport import MqttTransport
 from fleet_server.domain.alerts import AlertPolicy
@@ -23,10 +29,18 @@ from fleet_server.webhook import (
     WebhookSender,
     check_webhook_url,
 )
+from fleet_server.workers.drift_feed import DriftFeed
 from fleet_server.workers.drift_monitor import DEFAULT_REPLAY_WINDOWS, FleetDriftMonitor
-from fleet_server.workers.ingest import DEFAULT_REORDER_WAIT_S, TelemetryIngest
+from fleet_server.workers.ingest import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_BATCH_WAIT_S,
+    DEFAULT_SHARE_GROUP,
+    DEFAULT_STATUS_INTERVAL_S,
+    TelemetryIngest,
+)
 from fleet_server.workers.references import ReferenceLibrary
 
+DEFAULT_REORDER_WAIT_S = 5.0
 _CONNECT_WAIT_S = 5.0
 _RULE = FleetRule()
 _POLICY = AlertPolicy()
@@ -37,14 +51,21 @@ INGEST_DESCRIPTION = (
     "are created if missing), run the drift detectors per device against the reference "
     "profile of the window's model (from the released bundle in --repo, or a bundle "
     "directory given with --bundles), and open, update and resolve drift alerts per "
-    "device, line, firmware profile, model and fleet. A feature drifting the same way on "
-    f"at least --share (default {_RULE.share}) of a group's devices, and at least "
-    f"--min-devices (default {_RULE.min_devices}), is one group alert; a device drifting "
-    "alone is a device alert. With --webhook, every opened and resolved alert is POSTed "
-    "there as JSON (retried with back-off; the outcome is stored with the alert). "
-    "Malformed payloads are counted and logged, duplicates (same device and seq) are "
-    "ignored. Logs one line per alert and the counters every minute to stderr; stops "
-    "cleanly on SIGINT or SIGTERM."
+    "device, line, firmware profile, model and fleet. Telemetry is a shared subscription "
+    f"(--share GROUP, default {DEFAULT_SHARE_GROUP!r}; '' for a plain one): several ingest "
+    "processes with the same group split the windows between them. Windows are stored in "
+    "batches (--batch, --batch-wait), one transaction each; duplicates (same device and "
+    "seq, whichever process stored it) are ignored and counted. Drift detection reads "
+    "the stored windows back in each device's seq order on its own thread, so it never "
+    "slows storing down; run it in exactly one process per database and give the others "
+    "--no-drift. A feature drifting the same way on at least --group-share (default "
+    f"{_RULE.share}) of a group's devices, and at least --min-devices (default "
+    f"{_RULE.min_devices}), is one group alert; a device drifting alone is a device "
+    "alert. With --webhook, every opened and resolved alert is POSTed there as JSON "
+    "(retried with back-off; the outcome is stored with the alert). Malformed payloads "
+    "are counted and logged. Logs one line per alert and the counters (with how far "
+    "drift detection is behind) every minute to stderr; stops cleanly on SIGINT or "
+    "SIGTERM."
 )
 
 
@@ -60,6 +81,31 @@ class IngestOptions:
     policy: AlertPolicy
     replay: int
     reorder_wait_s: float
+    share: str | None = None  # shared subscription group; None: plain subscription
+    batch_size: int = DEFAULT_BATCH_SIZE
+    batch_wait_s: float = DEFAULT_BATCH_WAIT_S
+    drift: bool = True  # run the drift feed and alerts in this process
+    status_interval_s: float = DEFAULT_STATUS_INTERVAL_S
+
+
+def default_ingest_options(
+    db: str, repo: Path | None, *, share: str | None = None
+) -> IngestOptions:
+    """Ingest with every default, for a server that runs it in-process (``serve``, the
+    demo). A plain subscription unless ``share`` is given: it works with any broker."""
+    return IngestOptions(
+        db=db,
+        repo=repo,
+        bundles=(),
+        webhook=None,
+        webhook_timeout_s=DEFAULT_TIMEOUT_S,
+        webhook_attempts=DEFAULT_ATTEMPTS,
+        rule=_RULE,
+        policy=_POLICY,
+        replay=DEFAULT_REPLAY_WINDOWS,
+        reorder_wait_s=DEFAULT_REORDER_WAIT_S,
+        share=share,
+    )
 
 
 def add_ingest_arguments(p: argparse.ArgumentParser) -> None:
@@ -96,8 +142,42 @@ def add_ingest_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--share",
+        default=DEFAULT_SHARE_GROUP,
+        metavar="GROUP",
+        help="shared subscription group for telemetry; '' for a plain subscription "
+        "(default: %(default)s)",
+    )
+    p.add_argument(
+        "--batch",
+        type=int,
+        default=DEFAULT_BATCH_SIZE,
+        metavar="N",
+        help="most windows stored in one transaction (default: %(default)s)",
+    )
+    p.add_argument(
+        "--batch-wait",
+        type=float,
+        default=DEFAULT_BATCH_WAIT_S,
+        metavar="SECONDS",
+        help="how long a started batch waits for more windows (default: %(default)s)",
+    )
+    p.add_argument(
+        "--status-interval",
+        type=float,
+        default=DEFAULT_STATUS_INTERVAL_S,
+        metavar="SECONDS",
+        help="how often the counters and the drift lag are logged (default: %(default)s)",
+    )
+    p.add_argument(
+        "--no-drift",
+        action="store_true",
+        help="only store: no drift detection or alerts here (another process runs them)",
+    )
+    p.add_argument(
+        "--group-share",
         type=float,
         default=_RULE.share,
+        metavar="FRACTION",
         help="share of a group's devices for a group alert (default: %(default)s)",
     )
     p.add_argument(
@@ -151,8 +231,10 @@ def ingest_options(args: argparse.Namespace) -> IngestOptions:
     Raises:
         ValueError: naming the bad option.
     """
-    if args.repo is None and not args.bundles:
-        raise ValueError("give --repo REPO or --bundles DIR: reference profiles come from there")
+    if args.repo is None and not args.bundles and not args.no_drift:
+        raise ValueError(
+            "give --repo REPO or --bundles DIR (reference profiles come from there), or --no-drift"
+        )
     if args.repo is not None and not (args.repo / "metadata").is_dir():
         raise ValueError(f"--repo {args.repo}: no metadata directory")
     for directory in args.bundles:
@@ -164,8 +246,14 @@ def ingest_options(args: argparse.Namespace) -> IngestOptions:
         raise ValueError("--webhook-timeout must be > 0 and --webhook-attempts >= 1")
     if args.replay < 0 or args.reorder_wait < 0:
         raise ValueError("--replay and --reorder-wait must be >= 0")
+    if args.batch < 1 or args.batch_wait < 0:
+        raise ValueError("--batch must be >= 1 and --batch-wait >= 0")
+    if args.status_interval <= 0:
+        raise ValueError("--status-interval must be > 0")
+    if any(c in args.share for c in "/+#"):
+        raise ValueError(f"--share {args.share!r}: a group name has no '/', '+' or '#'")
     rule = FleetRule(
-        share=args.share,
+        share=args.group_share,
         min_devices=args.min_devices,
         q=args.fdr,
         stale_after_s=args.stale_after,
@@ -181,7 +269,93 @@ def ingest_options(args: argparse.Namespace) -> IngestOptions:
         policy=AlertPolicy(resolve_after=args.resolve_after),
         replay=args.replay,
         reorder_wait_s=args.reorder_wait,
+        share=args.share or None,
+        batch_size=args.batch,
+        batch_wait_s=args.batch_wait,
+        drift=not args.no_drift,
+        status_interval_s=args.status_interval,
     )
+
+
+@dataclass(frozen=True, slots=True)
+class RunningIngest:
+    """Handles on started ingest (for status, tests and benchmarks)."""
+
+    telemetry: TelemetryStore
+    ingest: TelemetryIngest
+    feed: DriftFeed | None
+
+
+@contextmanager
+def start_ingest(
+    options: IngestOptions,
+    transport: MqttTransport,
+    engine: Engine,
+    logger: logging.Logger,
+) -> Iterator[RunningIngest]:
+    """Start ingest (and, with ``options.drift``, the drift feed and webhook sender) on
+    ``transport``, which the caller starts afterwards and stops before leaving.
+
+    Raises:
+        StorageError: the stored windows cannot be read (the drift feed's rebuild).
+    """
+    with ExitStack() as stack:
+        telemetry = TelemetryStore(engine)
+        feed: DriftFeed | None = None
+        if options.drift:
+            alerts = AlertStore(engine)
+            sender: WebhookSender | None = None
+            if options.webhook is not None:
+                sender = WebhookSender(
+                    options.webhook,
+                    alerts,
+                    timeout_s=options.webhook_timeout_s,
+                    attempts=options.webhook_attempts,
+                    logger=logger,
+                )
+            references = ReferenceLibrary(
+                repo=options.repo, bundle_dirs=options.bundles, logger=logger
+            )
+            monitor = FleetDriftMonitor(
+                telemetry,
+                alerts,
+                references,
+                rule=options.rule,
+                policy=options.policy,
+                notify=None if sender is None else sender.notify,
+                logger=logger,
+            )
+            if sender is not None:
+                sender.start()
+                stack.callback(sender.stop)
+                resent = sender.resend_pending()
+                if resent:
+                    logger.info("re-sending %d pending webhook event(s)", resent)
+            feed = DriftFeed(
+                telemetry,
+                monitor,
+                reorder_wait_s=options.reorder_wait_s,
+                yield_to=lambda: ingest.backlog() > options.batch_size,
+                status_interval_s=options.status_interval_s,
+                logger=logger,
+            )
+        # Built before the feed starts: the feed's yield_to reads its backlog.
+        ingest = TelemetryIngest(
+            transport,
+            telemetry,
+            on_state=None if feed is None else feed.on_state,
+            share=options.share,
+            batch_size=options.batch_size,
+            batch_wait_s=options.batch_wait_s,
+            status_interval_s=options.status_interval_s,
+            logger=logger,
+        )
+        if feed is not None:
+            feed.start(options.replay)
+            stack.callback(feed.stop)
+        ingest.start()
+        stack.callback(ingest.stop)
+        yield RunningIngest(telemetry, ingest, feed)
 
 
 def run_ingest(
@@ -197,54 +371,18 @@ def run_ingest(
     """
     engine = open_database(options.db)
     try:
-        telemetry, alerts = TelemetryStore(engine), AlertStore(engine)
-        sender: WebhookSender | None = None
-        if options.webhook is not None:
-            sender = WebhookSender(
-                options.webhook,
-                alerts,
-                timeout_s=options.webhook_timeout_s,
-                attempts=options.webhook_attempts,
-                logger=logger,
-            )
-        references = ReferenceLibrary(repo=options.repo, bundle_dirs=options.bundles, logger=logger)
-        monitor = FleetDriftMonitor(
-            telemetry,
-            alerts,
-            references,
-            rule=options.rule,
-            policy=options.policy,
-            notify=None if sender is None else sender.notify,
-            logger=logger,
-        )
-        last_seq = monitor.rebuild(options.replay)
-        ingest = TelemetryIngest(
-            transport,
-            telemetry,
-            on_window=monitor.on_window,
-            on_state=monitor.on_state,
-            reorder_wait_s=options.reorder_wait_s,
-            logger=logger,
-        )
-        ingest.prime(last_seq)
-        if sender is not None:
-            sender.start()
-            resent = sender.resend_pending()
-            if resent:
-                logger.info("re-sending %d pending webhook event(s)", resent)
-        ingest.start()
-        transport.start()
-        try:
-            if not transport.wait_connected(_CONNECT_WAIT_S):
-                logger.warning("broker not reachable yet; retrying in the background")
-            logger.info(
-                "ingesting telemetry into %s", engine.url.render_as_string(hide_password=True)
-            )
-            stop.wait()
-        finally:
-            transport.stop()
-            ingest.stop()
-            if sender is not None:
-                sender.stop()
+        with start_ingest(options, transport, engine, logger):
+            transport.start()
+            try:
+                if not transport.wait_connected(_CONNECT_WAIT_S):
+                    logger.warning("broker not reachable yet; retrying in the background")
+                logger.info(
+                    "ingesting telemetry into %s%s",
+                    engine.url.render_as_string(hide_password=True),
+                    "" if options.share is None else f" (shared subscription {options.share})",
+                )
+                stop.wait()
+            finally:
+                transport.stop()
     finally:
         engine.dispose()

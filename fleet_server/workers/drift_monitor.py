@@ -14,9 +14,13 @@ For each window (handed over by ingest in each device's seq order):
    the actions are written (``AlertStore``); opened and resolved alerts go to the
    webhook.
 
+``on_windows`` does steps 1-3 for many windows and step 4 once, over the scopes of all
+the devices fed: how the drift feed (``drift_feed.DriftFeed``) catches up when it has
+fallen behind, since deciding costs as much as the fleet is large.
+
 On start, ``rebuild`` replays the last stored windows of every device through fresh
 detectors (no alerts are decided while replaying: open alerts are in the database).
-Not thread-safe: ingest calls it from its one worker thread.
+Not thread-safe: the drift feed calls it from its one thread.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from __future__ import annotations
 import logging
 import math
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -143,6 +147,20 @@ class FleetDriftMonitor:
         if self._feed(device_id, window, received):
             self.evaluate(device_id, received)
 
+    def on_windows(self, items: Sequence[tuple[str, TelemetryWindow, datetime]]) -> None:
+        """Feed many windows (each device's in seq order), then decide alerts once over
+        the scopes of the devices fed, at the latest ``received`` time.
+
+        Raises:
+            StorageError: the alerts cannot be read or written.
+        """
+        fed: dict[str, None] = {}
+        for device_id, window, received in items:
+            if self._feed(device_id, window, received):
+                fed[device_id] = None
+        if fed:
+            self._evaluate(fed, max(received for _, _, received in items))
+
     def reports(self) -> list[DeviceReport]:
         """Every device's latest report (for views)."""
         return list(self._reports.values())
@@ -164,17 +182,24 @@ class FleetDriftMonitor:
     def evaluate(self, device_id: str | None, now: datetime) -> tuple[list[int], list[int]]:
         """Decide drifts and write alert actions over the scopes of ``device_id`` (every
         scope for None); returns (opened, resolved) alert ids."""
+        return self._evaluate(None if device_id is None else (device_id,), now)
+
+    def _evaluate(
+        self, device_ids: Collection[str] | None, now: datetime
+    ) -> tuple[list[int], list[int]]:
         active = self._alerts.active()
         reports = list(self._reports.values())
         drifts = decide(reports, self.rule, now.timestamp(), [a.key for a in active])
-        if device_id is None:
+        if device_ids is None:
             evaluated = {(d.key.scope, d.key.key) for d in drifts}
             evaluated |= {(a.key.scope, a.key.key) for a in active}
         else:
-            report = self._reports.get(device_id)
-            evaluated = {("device", device_id)}
-            if report is not None:
-                evaluated.update(group_keys(report))
+            evaluated = set()
+            for device_id in device_ids:
+                evaluated.add(("device", device_id))
+                report = self._reports.get(device_id)
+                if report is not None:
+                    evaluated.update(group_keys(report))
             drifts = [d for d in drifts if (d.key.scope, d.key.key) in evaluated]
         actions = plan_alerts(active, drifts, evaluated, self.policy)
         if not actions:

@@ -1,24 +1,35 @@
 """Telemetry ingest: every device's windows and state messages into the database.
 
 Subscribes (on the server's ``MqttTransport``) to ``topics.device_filter("telemetry")``
-and ``topics.device_filter("state")``. The network thread only queues messages; one
-worker thread decodes, stores and hands windows on, so a slow database or detector
-never stalls the MQTT connection (and windows of one device stay in order):
+and ``topics.device_filter("state")``. With ``share``, telemetry is a shared
+subscription (``$share/<group>/...``): the broker gives each window to one of the
+group's ingest processes, so several processes split the load. State messages stay a
+plain subscription: they are few, retained (a broker sends no retained messages on a
+shared subscription), and every process may record them.
+
+The network thread only queues messages; one storage thread takes them in batches (up
+to ``batch_size``, waiting at most ``batch_wait_s`` for a batch to fill) and stores each
+batch's windows in one transaction (``TelemetryStore.add_windows``), so the database
+costs one commit per batch, not per window:
 
 - a payload that does not decode (``decode_window`` / ``decode_state``: not JSON, wrong
   schema, a broken privacy rule) is counted as rejected and logged with the device id
   and the reason; ingest goes on;
-- a window whose (device, seq) is stored already is a duplicate: counted, ignored, never
-  counted twice;
-- stored windows go to ``on_window`` in each device's seq order (``SeqOrderer``: a gap
-  is waited for ``reorder_wait_s``, a late window is stored but not fed).
+- a window whose (device, seq) is stored already, by this process or another one, is a
+  duplicate: counted, ignored, never counted twice;
+- messages are handled in arrival order: a state message between windows is recorded
+  after the windows before it.
+
+Drift monitoring reads the stored windows back (``drift_feed.DriftFeed``), so it never
+slows storing down. Other handlers (the devices' update events, the chunk server) are
+separate ``transport.subscribe`` calls on the same transport: one connection, one
+network thread, each handler queueing its own work.
 
 Counters are logged every ``status_interval_s`` when they changed.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import queue
 import threading
@@ -30,29 +41,32 @@ from typing import Any
 
 from edge_agent.protocol import topics
 from edge_agent.protocol.state import DeviceState, decode_state
-from edge_agent.protocol.telemetry import TelemetryWindow, decode_window
+from edge_agent.protocol.telemetry import decode_window
 from edge_agent.transport import MqttTransport
-from fleet_server.domain.sequencing import SeqOrderer
 from fleet_server.storage import StorageError, TelemetryStore
+from fleet_server.storage.telemetry_store import IncomingWindow
 
-DEFAULT_REORDER_WAIT_S = 5.0
+DEFAULT_BATCH_SIZE = 500
+DEFAULT_BATCH_WAIT_S = 0.05
 DEFAULT_STATUS_INTERVAL_S = 60.0
+DEFAULT_SHARE_GROUP = "fleet"
 QUEUE_SIZE = 100_000
+STORE_ATTEMPTS = 3
+_RETRY_S = 0.5
 _POLL_S = 0.1
 
-WindowHandler = Callable[[str, TelemetryWindow, datetime], None]
 StateHandler = Callable[[str, DeviceState], None]
 
 
 @dataclass(slots=True)
 class IngestCounters:
     windows: int = 0  # stored
-    duplicates: int = 0  # (device, seq) seen before: ignored
+    duplicates: int = 0  # (device, seq) stored before: ignored
     rejected: int = 0  # payloads that did not decode
     states: int = 0
-    late: int = 0  # stored, but older than a window already fed to the detectors
     overflow: int = 0  # dropped because the queue was full
-    errors: int = 0  # database or detector failures
+    errors: int = 0  # windows or states the database did not take
+    batches: int = 0  # transactions that stored windows
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,15 +78,19 @@ class _Message:
 
 
 class TelemetryIngest:
-    """Ingest worker. ``start`` subscribes and starts the worker thread; ``stop`` ends it.
+    """Ingest worker. ``start`` subscribes and starts the storage thread; ``stop`` ends it.
 
     Args:
         transport: the server's transport (started or not).
         telemetry: where devices and windows are stored.
-        on_window: gets each stored window in the device's seq order (the drift monitor).
-        on_state: gets each decoded state message.
+        on_state: gets each decoded and recorded state message (on the storage thread).
+        share: shared subscription group for telemetry; None for a plain subscription.
+        batch_size: most windows stored in one transaction.
+        batch_wait_s: how long a started batch waits for more messages.
         clock: the current time, aware (received_at).
-        reorder_wait_s: how long a gap in a device's seqs is waited for.
+
+    Raises:
+        ValueError: a batch size below 1 or a negative wait; an invalid ``share``.
     """
 
     def __init__(
@@ -80,19 +98,25 @@ class TelemetryIngest:
         transport: MqttTransport,
         telemetry: TelemetryStore,
         *,
-        on_window: WindowHandler | None = None,
         on_state: StateHandler | None = None,
+        share: str | None = None,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        batch_wait_s: float = DEFAULT_BATCH_WAIT_S,
         clock: Callable[[], datetime] = lambda: datetime.now(timezone.utc),
-        reorder_wait_s: float = DEFAULT_REORDER_WAIT_S,
         status_interval_s: float = DEFAULT_STATUS_INTERVAL_S,
         logger: logging.Logger | None = None,
     ) -> None:
+        if batch_size < 1 or batch_wait_s < 0:
+            raise ValueError(f"need batch_size >= 1 and batch_wait_s >= 0, got {batch_size}")
+        if share is not None and (not share or any(c in share for c in "/+#")):
+            raise ValueError(f"invalid shared subscription group: {share!r}")
         self._transport = transport
         self._telemetry = telemetry
-        self._on_window = on_window
         self._on_state = on_state
+        self._share = share
+        self._batch_size = batch_size
+        self._batch_wait_s = batch_wait_s
         self._clock = clock
-        self._orderer: SeqOrderer[TelemetryWindow] = SeqOrderer(reorder_wait_s)
         self._status_interval_s = status_interval_s
         self._logger = logger if logger is not None else logging.getLogger(__name__)
         self._queue: queue.Queue[_Message] = queue.Queue(QUEUE_SIZE)
@@ -102,19 +126,17 @@ class TelemetryIngest:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="ingest", daemon=True)
 
-    def prime(self, last_seq: dict[str, int]) -> None:
-        """The last seq already fed per device (from ``FleetDriftMonitor.rebuild``).
-        Call before ``start``."""
-        for device_id, seq in last_seq.items():
-            self._orderer.prime(device_id, seq)
-
     def start(self) -> None:
         self._thread.start()
-        self._transport.subscribe(topics.device_filter("telemetry"), self._receive, qos=1)
+        telemetry = topics.device_filter("telemetry")
+        if self._share is None:
+            self._transport.subscribe(telemetry, self._receive, qos=1)
+        else:
+            self._transport.subscribe_shared(self._share, telemetry, self._receive, qos=1)
         self._transport.subscribe(topics.device_filter("state"), self._receive, qos=1)
 
     def stop(self, timeout_s: float = 10.0) -> None:
-        """Process what is queued (up to ``timeout_s``), then end the worker thread."""
+        """Store what is queued (up to ``timeout_s``), then end the storage thread."""
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join(timeout_s)
@@ -125,8 +147,12 @@ class TelemetryIngest:
         with self._lock:
             return IngestCounters(**asdict(self._counters))
 
+    def backlog(self) -> int:
+        """Messages received and not handled yet."""
+        return self._queue.unfinished_tasks
+
     def wait_idle(self, timeout_s: float) -> bool:
-        """Block until the queue is empty and nothing is being processed (tests)."""
+        """Block until the queue is empty and nothing is being stored (tests)."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self._queue.unfinished_tasks == 0:
@@ -151,28 +177,82 @@ class TelemetryIngest:
     def _run(self) -> None:
         next_status = time.monotonic() + self._status_interval_s
         while True:
-            try:
-                message = self._queue.get(timeout=_POLL_S)
-            except queue.Empty:
-                if self._stop.is_set():
-                    break
-                message = None
-            if message is not None:
+            batch = self._take_batch()
+            if batch:
                 try:
-                    self._handle(message)
+                    self._handle(batch)
                 finally:
-                    self._queue.task_done()
-            for device_id, window in self._orderer.due(time.monotonic()):
-                self._feed(device_id, window, self._clock())
+                    for _ in batch:
+                        self._queue.task_done()
+            elif self._stop.is_set():
+                break
             if time.monotonic() >= next_status:
                 next_status = time.monotonic() + self._status_interval_s
                 self._log_status()
 
-    def _handle(self, message: _Message) -> None:
-        if message.kind == "state":
-            self._handle_state(message)
-        else:
-            self._handle_window(message)
+    def _take_batch(self) -> list[_Message]:
+        """The next messages: the first waited for up to _POLL_S, the rest up to
+        ``batch_wait_s`` after it (at once when stopping)."""
+        try:
+            batch = [self._queue.get(timeout=_POLL_S)]
+        except queue.Empty:
+            return []
+        deadline = time.monotonic() + self._batch_wait_s
+        while len(batch) < self._batch_size:
+            try:
+                batch.append(self._queue.get_nowait())
+                continue
+            except queue.Empty:
+                pass
+            left = deadline - time.monotonic()
+            if left <= 0 or self._stop.is_set():
+                break
+            try:
+                batch.append(self._queue.get(timeout=left))
+            except queue.Empty:
+                break
+        return batch
+
+    def _handle(self, batch: list[_Message]) -> None:
+        windows: list[IncomingWindow] = []
+        for message in batch:
+            if message.kind == "state":
+                # Windows that came before the state message are stored before it.
+                self._store(windows)
+                windows = []
+                self._handle_state(message)
+                continue
+            try:
+                window = decode_window(message.payload)
+                # decode_window accepted it: UTF-8 JSON, stored as received.
+                document = message.payload.decode()
+            except ValueError as e:
+                self._reject(message, e)
+                continue
+            windows.append(IncomingWindow(message.device_id, window, document, message.received))
+        self._store(windows)
+
+    def _store(self, windows: list[IncomingWindow]) -> None:
+        if not windows:
+            return
+        for attempt in range(1, STORE_ATTEMPTS + 1):
+            try:
+                result = self._telemetry.add_windows(windows)
+                break
+            except StorageError as e:
+                if attempt == STORE_ATTEMPTS or self._stop.is_set():
+                    self._add("errors", len(windows))
+                    self._logger.error("%d windows not stored: %s", len(windows), e)
+                    return
+                # A busy database (another process writing) clears up in a moment.
+                self._logger.warning("storing %d windows failed, retrying: %s", len(windows), e)
+                self._stop.wait(_RETRY_S * attempt)
+        with self._lock:
+            self._counters.windows += len(result.stored)
+            self._counters.duplicates += result.duplicates
+            self._counters.batches += 1
+        if result.duplicates:
+            self._logger.debug("%d duplicate windows ignored", result.duplicates)
 
     def _handle_state(self, message: _Message) -> None:
         try:
@@ -190,49 +270,6 @@ class TelemetryIngest:
         if self._on_state is not None:
             self._on_state(message.device_id, state)
 
-    def _handle_window(self, message: _Message) -> None:
-        device_id = message.device_id
-        try:
-            window = decode_window(message.payload)
-            document = json.loads(message.payload)
-        except ValueError as e:
-            self._reject(message, e)
-            return
-        try:
-            stored = self._telemetry.add_window(device_id, window, document, message.received)
-        except StorageError as e:
-            self._count("errors")
-            self._logger.error("window %d of %s not stored: %s", window.seq, device_id, e)
-            return
-        if not stored:
-            self._count("duplicates")
-            self._logger.debug("duplicate window %d of %s ignored", window.seq, device_id)
-            return
-        self._count("windows")
-        ready = self._orderer.offer(device_id, window.seq, window, time.monotonic())
-        if ready is None:
-            self._count("late")
-            self._logger.info(
-                "window %d of %s arrived after a later one: stored, not monitored",
-                window.seq,
-                device_id,
-            )
-            return
-        for item in ready:
-            self._feed(device_id, item, message.received)
-
-    def _feed(self, device_id: str, window: TelemetryWindow, received: datetime) -> None:
-        if self._on_window is None:
-            return
-        try:
-            self._on_window(device_id, window, received)
-        except (StorageError, ValueError) as e:
-            # Stored already; the next window is monitored as usual.
-            self._count("errors")
-            self._logger.error(
-                "drift monitoring of window %d of %s failed: %s", window.seq, device_id, e
-            )
-
     def _reject(self, message: _Message, error: ValueError) -> None:
         self._count("rejected")
         self._logger.warning(
@@ -244,15 +281,14 @@ class TelemetryIngest:
         )
 
     def _count(self, name: str) -> None:
+        self._add(name, 1)
+
+    def _add(self, name: str, n: int) -> None:
         with self._lock:
-            setattr(self._counters, name, getattr(self._counters, name) + 1)
+            setattr(self._counters, name, getattr(self._counters, name) + n)
 
     def _log_status(self, *, force: bool = False) -> None:
         counters = asdict(self.counters())
         if force or counters != self._last_logged:
             self._last_logged = counters
-            self._logger.info(
-                "ingest: %s; waiting for gaps: %d",
-                ", ".join(f"{k}={v}" for k, v in counters.items()),
-                self._orderer.waiting(),
-            )
+            self._logger.info("ingest: %s", ", ".join(f"{k}={v}" for k, v in counters.items()))

@@ -38,6 +38,7 @@ from fleet_server.domain.alerts import AlertPolicy
 from fleet_server.domain.fleet_drift import FleetRule
 from fleet_server.storage import AlertRecord, AlertStore, TelemetryStore, open_database
 from fleet_server.webhook import WebhookSender
+from fleet_server.workers.drift_feed import DriftFeed
 from fleet_server.workers.drift_monitor import FleetDriftMonitor
 from fleet_server.workers.ingest import TelemetryIngest
 from fleet_server.workers.references import ReferenceLibrary
@@ -176,9 +177,11 @@ class Server:
     alerts: AlertStore
     ingest: TelemetryIngest
     monitor: FleetDriftMonitor
+    feed: DriftFeed
 
     def settle(self, published: int) -> None:
-        """Wait until ingest has handled ``published`` messages."""
+        """Wait until ingest has handled ``published`` messages and the drift feed has
+        fed every stored window."""
 
         def handled() -> int:
             c = self.ingest.counters()
@@ -186,6 +189,7 @@ class Server:
 
         assert wait_for(lambda: handled() >= published, 15), "ingest did not catch up"
         assert self.ingest.wait_idle(15)
+        assert self.feed.wait_caught_up(15), "the drift feed did not catch up"
 
     def alerts_of(self, scope: str) -> list[AlertRecord]:
         return [a for a in self.alerts.alerts() if a.key.scope == scope]
@@ -211,13 +215,13 @@ def test_lone_and_fleet_drift_alerts_duplicates_and_bad_payloads(
         notify=sender.notify,
     )
     transport = MqttTransport(host=mosquitto.host, port=mosquitto.port, client_id="fleet-ingest")
-    ingest = TelemetryIngest(
-        transport, telemetry, on_window=monitor.on_window, on_state=monitor.on_state
-    )
-    server = Server(telemetry, alerts, ingest, monitor)
+    feed = DriftFeed(telemetry, monitor, reorder_wait_s=5.0, poll_s=0.05)
+    ingest = TelemetryIngest(transport, telemetry, on_state=feed.on_state, share="fleet")
+    server = Server(telemetry, alerts, ingest, monitor, feed)
     publisher = connect(mosquitto, "line-simulator")
     line = Line(profile, publisher)
     sender.start()
+    feed.start(replay=500)
     ingest.start()
     transport.start()
     try:
@@ -328,9 +332,11 @@ def test_lone_and_fleet_drift_alerts_duplicates_and_bad_payloads(
         assert alerts.alerts(open_only=True) == []
         assert alerts.get(fleet.id).resolved_at is not None
         assert ingest.counters().windows == 16 * 6 and monitor.fed == 16 * 6
+        assert feed.counters().late == 0 and feed.lag().windows == 0
     finally:
         transport.stop()
         ingest.stop()
+        feed.stop()
         sender.stop()
         publisher.stop()
 
@@ -383,36 +389,51 @@ def test_ingest_command_stores_windows_and_stops_on_sigterm(
             str(db),
             "--bundles",
             str(tmp_path / "bundles"),
+            "--status-interval",
+            "0.2",
         ],
         stderr=subprocess.PIPE,
         text=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
     publisher = connect(mosquitto, "line-simulator")
+    assert proc.stderr is not None
+    pipe = proc.stderr
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(iter(pipe.readline, "")))
     try:
-        assert proc.stderr is not None
-        line = proc.stderr.readline()
+        line = pipe.readline()
         while "ingesting telemetry" not in line:
             assert line, "fleet-server ingest ended before it started ingesting"
-            line = proc.stderr.readline()
+            line = pipe.readline()
+        reader.start()
         Line(profile, publisher).round(1)
         telemetry = TelemetryStore(open_database(str(db)))
         assert wait_for(lambda: telemetry.count_windows() == 6, 10)
+        # The drift feed reads them back and feeds the detectors (its status line).
+        assert wait_for(lambda: any("drift: fed=6, late=0" in x for x in lines), 10), lines
     finally:
         publisher.stop()
         proc.send_signal(signal.SIGTERM)
-        _, stderr = proc.communicate(timeout=15)
+        proc.wait(15)
+    if reader.is_alive():
+        reader.join(5)
+    stderr = "".join(lines)
     assert proc.returncode == 0, stderr
     assert "SIGTERM: stopping" in stderr and "windows=6" in stderr
+    assert "drift: fed=6, late=0, coalesced=0, errors=0; behind: 0 windows" in stderr
 
 
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--db", "x.db"], "give --repo REPO or --bundles DIR"),
+        (["--db", "x.db"], "give --repo REPO or --bundles DIR (reference profiles"),
         (["--db", "x.db", "--bundles", "missing"], "--bundles missing: not a directory"),
         (["--db", "x.db", "--bundles", ".", "--webhook", "ftp://h/x"], "webhook URL"),
-        (["--db", "x.db", "--bundles", ".", "--share", "0"], "share must be in (0, 1]"),
+        (["--db", "x.db", "--bundles", ".", "--group-share", "0"], "share must be in (0, 1]"),
+        (["--db", "x.db", "--no-drift", "--share", "a/b"], "--share 'a/b': a group name"),
+        (["--db", "x.db", "--no-drift", "--batch", "0"], "--batch must be >= 1"),
+        (["--db", "x.db", "--no-drift", "--status-interval", "0"], "--status-interval must"),
         (["--db", "nosuch://x", "--bundles", "."], "invalid database URL 'nosuch://x'"),
     ],
 )
