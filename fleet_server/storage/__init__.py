@@ -1,7 +1,8 @@
 """The fleet server's database: SQLAlchemy 2.0, SQLite (WAL) by default, any URL.
 
-``schema`` declares the tables on one ``Base``; ``database`` opens an engine and creates
-them; ``TelemetryStore`` and ``AlertStore`` read and write devices, windows and alerts.
+``schema`` declares the tables on one ``Base``; ``database`` opens an engine and migrates
+them to the newest revision (Alembic, ``migrate``); ``TelemetryStore`` and ``AlertStore``
+read and write devices, windows and alerts.
 """
 
 from fleet_server.storage.alert_store import AlertRecord, AlertStore

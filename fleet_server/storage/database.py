@@ -1,7 +1,9 @@
 """Opening the fleet server's database: any SQLAlchemy URL, SQLite in WAL mode by default.
 
 ``open_database("sqlite:///fleet.db")`` (or a plain path, taken as a SQLite file) returns
-an Engine with every table of ``schema.Base.metadata`` created if missing. SQLite
+an Engine whose schema is at the newest migration (``migrate.upgrade_database``: a new
+database gets every table, an older one is upgraded in place, an up-to-date one costs a
+single read of its revision). PostgreSQL by URL: ``postgresql+psycopg://...``. SQLite
 connections get ``journal_mode=WAL`` (readers never block the ingest writer),
 ``synchronous=NORMAL`` (durable at each checkpoint, which WAL makes safe),
 ``foreign_keys=ON`` and a busy timeout, so the webhook thread and the ingest thread can
@@ -15,8 +17,6 @@ from typing import Any
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
-
-from fleet_server.storage.schema import Base
 
 SQLITE_BUSY_TIMEOUT_MS = 10_000
 
@@ -37,24 +37,40 @@ def database_url(text: str) -> str:
 
 
 def open_database(url: str, *, echo: bool = False) -> Engine:
-    """An engine for ``url`` with the schema created.
+    """An engine for ``url`` with the schema at the newest migration.
+
+    Several processes may open one database at once: only one of them migrates it.
 
     Raises:
-        StorageError: an invalid URL, a missing driver, or a database that cannot be
-            opened or written.
+        StorageError: an invalid URL, a missing driver, a database that cannot be
+            opened or written, or one at a schema revision this version does not know.
+    """
+    # migrate imports StorageError from this module.
+    from fleet_server.storage.migrate import upgrade_database
+
+    engine = connect_database(url, echo=echo)
+    try:
+        upgrade_database(engine)
+    except StorageError as e:
+        engine.dispose()
+        # The migration's message names the URL already.
+        raise StorageError(f"cannot open database: {e}") from e
+    return engine
+
+
+def connect_database(url: str, *, echo: bool = False) -> Engine:
+    """An engine for ``url`` as ``open_database`` configures it, without touching the
+    schema (for reading or changing the schema revision itself).
+
+    Raises:
+        StorageError: an invalid URL or a missing driver.
     """
     try:
         engine = create_engine(database_url(url), echo=echo)
     except (ArgumentError, ImportError) as e:
         raise StorageError(f"invalid database URL {url!r}: {e}") from e
-    shown = engine.url.render_as_string(hide_password=True)
     if engine.dialect.name == "sqlite":
         event.listen(engine, "connect", _sqlite_pragmas)
-    try:
-        Base.metadata.create_all(engine)
-    except SQLAlchemyError as e:
-        engine.dispose()
-        raise StorageError(f"cannot open database {shown}: {e}") from e
     return engine
 
 

@@ -1,8 +1,8 @@
 """Tables of the fleet server's database (SQLAlchemy 2.0 typed ORM).
 
-Every table hangs off ``Base.metadata``: later tables (model registry, rollouts) are
-added by declaring more ``Base`` subclasses in their own modules, and ``create_schema``
-creates whatever is missing.
+Every table hangs off ``Base.metadata``. Each change here needs its Alembic revision in
+``fleet_server/storage/migrations/versions`` (``open_database`` migrates to the newest);
+``python -m fleet_server.storage.migrations check`` lists changes that lack one.
 
 - ``devices``: one row per device, from its retained ``state`` messages (and created on
   its first telemetry window if the state has not arrived yet).
@@ -31,6 +31,7 @@ from typing import Any
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     DateTime,
     Dialect,
     Float,
@@ -47,6 +48,11 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 ID_LENGTH = 64
 TEXT_LENGTH = 96
 WEBHOOK_STATUSES = ("none", "pending", "delivered", "failed")
+
+# Window seqs count milliseconds since the epoch (beyond a 32-bit INTEGER on PostgreSQL).
+# SQLite's INTEGER already holds 64 bits: keeping it there spares a SQLite fleet database
+# a rebuild of its largest table on upgrade (see docs/adr/0012).
+BigInt = BigInteger().with_variant(Integer(), "sqlite")
 
 
 class UtcDateTime(TypeDecorator[datetime]):
@@ -99,7 +105,7 @@ class Device(Base):
     drift: Mapped[list[str]] = mapped_column(JSON, default=list)
     spool_queued: Mapped[int | None] = mapped_column(Integer)
     spool_dropped: Mapped[int | None] = mapped_column(Integer)
-    state_ts: Mapped[int | None] = mapped_column(Integer)  # the device's clock, unix s
+    state_ts: Mapped[int | None] = mapped_column(BigInt)  # the device's clock, unix s
     first_seen: Mapped[datetime] = mapped_column(UtcDateTime)
     last_seen: Mapped[datetime] = mapped_column(UtcDateTime)
 
@@ -110,11 +116,11 @@ class TelemetryWindowRow(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     device_id: Mapped[str] = mapped_column(ForeignKey("devices.id"), index=True)
-    seq: Mapped[int] = mapped_column(Integer)
+    seq: Mapped[int] = mapped_column(BigInt)
     model: Mapped[str] = mapped_column(String(TEXT_LENGTH), index=True)
     ref: Mapped[str] = mapped_column(String(32))
-    t0: Mapped[int] = mapped_column(Integer)
-    t1: Mapped[int] = mapped_column(Integer, index=True)
+    t0: Mapped[int] = mapped_column(BigInt)
+    t1: Mapped[int] = mapped_column(BigInt, index=True)
     frames: Mapped[int] = mapped_column(Integer)
     window: Mapped[dict[str, Any]] = mapped_column(JSON)
     received_at: Mapped[datetime] = mapped_column(UtcDateTime, index=True)
@@ -145,7 +151,7 @@ class AlertRow(Base):
     statistic: Mapped[float] = mapped_column(Float)
     threshold: Mapped[float] = mapped_column(Float)
     p_value: Mapped[float | None] = mapped_column(Float)
-    since_seq: Mapped[int] = mapped_column(Integer)
+    since_seq: Mapped[int] = mapped_column(BigInt)
     since_t: Mapped[datetime] = mapped_column(UtcDateTime)
     devices: Mapped[list[str]] = mapped_column(JSON)
     evidence: Mapped[dict[str, Any]] = mapped_column(JSON)

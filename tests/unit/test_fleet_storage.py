@@ -1,8 +1,10 @@
-"""The fleet database (fleet_server.storage) on a real SQLite file."""
+"""The fleet database (fleet_server.storage) on a real SQLite file and a real PostgreSQL
+server (every test taking ``engine`` runs on both)."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -21,14 +23,18 @@ from fleet_server.storage import (
     open_database,
 )
 
+pytest_plugins = ("tests.postgres",)
+
 NOW = datetime(2026, 11, 23, 12, 0, tzinfo=timezone.utc)
 LONE = AlertKey("device", "cam-3", "brightness", "down")
 FLEET = AlertKey("fleet", "*", "brightness", "down")
 
 
 @pytest.fixture
-def engine(tmp_path: Path) -> Engine:
-    return open_database(str(tmp_path / "fleet.db"))
+def engine(db_url: str) -> Iterator[Engine]:
+    engine = open_database(db_url)
+    yield engine
+    engine.dispose()
 
 
 def _window(seq: int) -> tuple[TelemetryWindow, dict[str, object]]:
@@ -50,9 +56,8 @@ def _drift(key: AlertKey, since: int, covers: tuple[AlertKey, ...] = ()) -> Drif
     return Drift(key, ("cam-3",), 1, (("cam-3", (finding,)),), covers)
 
 
-def test_sqlite_runs_in_wal_mode_and_plain_paths_are_sqlite_files(
-    engine: Engine, tmp_path: Path
-) -> None:
+def test_sqlite_runs_in_wal_mode_and_plain_paths_are_sqlite_files(tmp_path: Path) -> None:
+    engine = open_database(str(tmp_path / "fleet.db"))
     with engine.connect() as connection:
         assert connection.execute(text("PRAGMA journal_mode")).scalar() == "wal"
         assert connection.execute(text("PRAGMA foreign_keys")).scalar() == 1
@@ -144,3 +149,17 @@ def test_the_database_refuses_two_open_alerts_on_one_key(engine: Engine) -> None
     alerts.apply([OpenAlert(_drift(LONE, 4))], lambda d: {}, NOW, webhook=False)
     with pytest.raises(StorageError, match="writing alerts"):
         alerts.apply([OpenAlert(_drift(LONE, 5))], lambda d: {}, NOW, webhook=False)
+
+
+def test_seqs_from_millisecond_clocks_are_stored_whole(engine: Engine) -> None:
+    # An agent's first seq is its clock in milliseconds: beyond 32 bits.
+    seq = 1_795_000_000_123
+    store = TelemetryStore(engine)
+    window, document = _window(seq)
+    assert store.add_window("cam-1", window, document, NOW)
+    assert not store.add_window("cam-1", window, document, NOW)
+    (replayed,) = store.replay(per_device=1)
+    assert (replayed.window.seq, replayed.window.t1) == (seq, window.t1)
+    alerts = AlertStore(engine)
+    (alert_id,), _ = alerts.apply([OpenAlert(_drift(LONE, seq))], lambda d: {}, NOW, webhook=False)
+    assert alerts.get(alert_id).since_seq == seq
