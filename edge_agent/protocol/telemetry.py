@@ -252,9 +252,13 @@ def _mapping(document: dict[str, object], key: str, *, optional: bool = False) -
     return value
 
 
+# Counts, seqs and times fit a signed 64-bit column on every database the server uses.
+_MAX_COUNT = 2**63 - 1
+
+
 def _count(value: object, where: str) -> int:
-    if type(value) is not int or value < 0:
-        raise ValueError(f"{where} must be a non-negative integer")
+    if type(value) is not int or not 0 <= value <= _MAX_COUNT:
+        raise ValueError(f"{where} must be a non-negative integer below 2**63")
     return value
 
 

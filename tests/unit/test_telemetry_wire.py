@@ -205,3 +205,12 @@ def test_edges_id_names_the_edges_not_their_order() -> None:
 def test_floor_constants_are_the_contract() -> None:
     assert MIN_WINDOW_FRAMES == 50
     assert MIN_FRAMES_PER_BIN == 10
+
+
+def test_a_seq_beyond_64_bits_is_refused() -> None:
+    """A window whose seq does not fit a database's 64-bit column is a decode error, not a
+    crash of the ingest thread later."""
+    document = json.loads(encode_window(_window()))
+    document["seq"] = 2**63
+    with pytest.raises(ValueError, match="seq"):
+        decode_window(json.dumps(document).encode())
