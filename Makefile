@@ -5,18 +5,19 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 TRAIN_VENV := .venv-train
 
-.PHONY: help venv check test demo bench train clean
+.PHONY: help venv check test demo demo-line bench train clean
 
 help:
 	@echo "make test   - create .venv, install, run ruff, mypy --strict and pytest"
-	@echo "make demo   - create .venv if missing, run the synthetic line through the model"
+	@echo "make demo   - create .venv if missing, run broker, fleet server + console and three agents"
+	@echo "make demo-line - one synthetic line through the model, no fleet"
 	@echo "make bench  - run edge-agent bench on both reference bundles"
 	@echo "make train  - retrain the reference model (dev only: torch, tensorflow-cpu)"
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test,tflite,server,postgres,demo]'
+	$(BIN)/python -m pip install --quiet -e '.[test,tflite,server,postgres,demo,outputs]'
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -30,6 +31,9 @@ test: check
 	$(BIN)/pytest -q
 
 demo: $(STAMP)
+	$(BIN)/fleet-server demo --model models/reference-onnx
+
+demo-line: $(STAMP)
 	$(BIN)/edge-agent demo --model models/reference-onnx
 
 bench: $(STAMP)

@@ -13,6 +13,7 @@ import logging
 import signal
 import sys
 import threading
+from contextlib import ExitStack
 from datetime import datetime, timezone
 from pathlib import Path
 from types import FrameType
@@ -21,16 +22,20 @@ from edge_agent.config import ConfigError, load_profile
 from edge_agent.protocol import topics
 from edge_agent.protocol.errors import BundleError
 from edge_agent.transport import MqttTransport, TlsFiles
+from fleet_server.auth import AuthError
 from fleet_server.compatibility import (
     CompatibilityError,
     check_assignment,
 )
+from fleet_server.db_cli import add_db_commands
+from fleet_server.enroll_cli import add_devices_commands
 from fleet_server.ingest_service import (
     INGEST_DESCRIPTION,
     add_ingest_arguments,
     ingest_options,
     run_ingest,
 )
+from fleet_server.operators_cli import add_operator_commands
 from fleet_server.releasing import release_bundle
 from fleet_server.repository import (
     DIRECTOR_ROLE,
@@ -43,9 +48,8 @@ from fleet_server.repository import (
     load_signers,
     release_path,
 )
-from fleet_server.serve import DEFAULT_REFRESH_INTERVAL_S, FleetPublisher
+from fleet_server.serve import DEFAULT_REFRESH_INTERVAL_S
 from fleet_server.storage import StorageError
-from fleet_server.workers.chunk_server import ChunkServer
 
 EXIT_USAGE = 2
 _CONNECT_WAIT_S = 5.0
@@ -71,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         ConfigError,
         CompatibilityError,
         StorageError,
+        AuthError,
         OSError,
     ) as e:
         print(f"fleet-server: error: {e}", file=sys.stderr)
@@ -202,7 +207,62 @@ def _parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="how often to check whether metadata needs re-signing (default: %(default)s)",
     )
+    serve.add_argument(
+        "--db",
+        metavar="URL",
+        help="database URL or SQLite file: also run telemetry ingest and drift alerts, the "
+        "devices' update events, the rollout driver and (with --http) the API and console",
+    )
+    serve.add_argument(
+        "--http",
+        metavar="HOST:PORT",
+        help="serve the REST API (/api/v1, /docs) and the console here (needs --db); "
+        "e.g. 127.0.0.1:8080",
+    )
+    serve.add_argument(
+        "--no-ingest",
+        action="store_true",
+        help="with --db: leave telemetry to separate `fleet-server ingest` processes",
+    )
     serve.set_defaults(func=_cmd_serve)
+
+    demo = sub.add_parser(
+        "demo",
+        help="the whole loop on this machine: broker, server, console, three agents",
+        description="Start a loopback MQTT broker (Mosquitto when installed, otherwise the "
+        "embedded amqtt broker), a signed repository with the reference model, the fleet "
+        "server with its console, and three edge agents inspecting synthetic lines; one "
+        "line's lighting darkens over a few minutes. A second model version is released "
+        "and rolled out in two waves, gated on the devices' health; the drift alert for "
+        "the darkening line appears in the console. Prints the console address and the "
+        "login, then one line per event. Ctrl-C stops everything cleanly.",
+    )
+    demo.add_argument(
+        "--model",
+        type=Path,
+        default=Path("models/reference-onnx"),
+        help="the bundle the agents start with (default: %(default)s)",
+    )
+    demo.add_argument(
+        "--port", type=int, default=8080, help="console port on 127.0.0.1 (default: 8080)"
+    )
+    demo.add_argument(
+        "--minutes", type=float, default=0.0, help="stop after this long (default: Ctrl-C)"
+    )
+    demo.add_argument(
+        "--darken-minutes",
+        type=float,
+        default=3.0,
+        help="how long line-3's lighting takes to darken (default: %(default)s)",
+    )
+    demo.add_argument("--fps", type=float, default=8.0, help="frames per second per line (8)")
+    demo.add_argument(
+        "--embedded-broker", action="store_true", help="use amqtt even if Mosquitto exists"
+    )
+    demo.add_argument(
+        "--keep", action="store_true", help="keep the working directory (logs, database)"
+    )
+    demo.set_defaults(func=_cmd_demo)
 
     ingest = sub.add_parser(
         "ingest",
@@ -216,6 +276,10 @@ def _parser() -> argparse.ArgumentParser:
     ingest.add_argument("--tls-key", type=Path, metavar="PEM", help="this server's private key")
     add_ingest_arguments(ingest)
     ingest.set_defaults(func=_cmd_ingest)
+
+    add_operator_commands(sub)
+    add_db_commands(sub)
+    add_devices_commands(sub)
     return p
 
 
@@ -343,26 +407,60 @@ def _cmd_ingest(args: argparse.Namespace) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
+    from fleet_server.ingest_service import default_ingest_options
+    from fleet_server.server import ServerOptions, start_server
+
     host, port = _parse_broker(args.broker)
     tls = _tls_files(args.tls_ca, args.tls_cert, args.tls_key)
+    if args.http is not None and args.db is None:
+        raise UsageError("--http needs --db: the API and console read the database")
+    http = None if args.http is None else _parse_address("--http", args.http)
     fleet = _open_repository(args.repo, args.keys)
     fleet.timestamp_state()  # refuse a missing repository before connecting
     for role in (DIRECTOR_ROLE, "snapshot", "timestamp"):
         load_signers(args.keys, role)  # re-signing needs them: fail now, not in an hour
+    options = ServerOptions(
+        refresh_interval_s=args.timestamp_refresh,
+        db=args.db,
+        http=http,
+        ingest=None
+        if args.db is None or args.no_ingest
+        else default_ingest_options(args.db, args.repo),
+    )
     logger, stop = _logger_and_stop_on_signals()
     transport = MqttTransport(host=host, port=port, client_id=args.client_id, tls=tls)
-    transport.start()
-    try:
-        if not transport.wait_connected(_CONNECT_WAIT_S):
-            logger.warning("broker %s:%d not reachable yet; retrying in the background", host, port)
-        ChunkServer(transport, fleet.metadata_dir, fleet.targets_dir, logger)
+    with ExitStack() as stack:
+        _running, publisher = start_server(options, transport, fleet, stack, logger)
         logger.info("serving %s to devices via %s:%d", args.repo, host, port)
-        FleetPublisher(
-            transport, fleet, refresh_interval_s=args.timestamp_refresh, logger=logger
-        ).run(stop)
-    finally:
-        transport.stop()
+        publisher.run(stop)
     logger.info("stopped")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from fleet_server.demo import DemoOptions, run_demo
+
+    if not (args.model / "bundle.json").is_file():
+        raise UsageError(f"--model {args.model}: no bundle.json (run from the source checkout)")
+    if not 0 < args.port < 65536:
+        raise UsageError(f"--port must be 1-65535, got {args.port}")
+    options = DemoOptions(
+        model=args.model,
+        http_port=args.port,
+        minutes=args.minutes,
+        fps=args.fps,
+        darken_minutes=args.darken_minutes,
+        embedded_broker=args.embedded_broker,
+        keep=args.keep,
+    )
+    stop = threading.Event()
+
+    def on_signal(_signum: int, _frame: FrameType | None) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    run_demo(options, stop, sys.stdout)
     return 0
 
 
@@ -386,10 +484,14 @@ def _logger_and_stop_on_signals() -> tuple[logging.Logger, threading.Event]:
 
 
 def _parse_broker(text: str) -> tuple[str, int]:
+    return _parse_address("--broker", text)
+
+
+def _parse_address(option: str, text: str) -> tuple[str, int]:
     host, sep, port_text = text.rpartition(":")
     host = host.removeprefix("[").removesuffix("]")  # [::1]:1883
     if not sep or not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
-        raise UsageError(f"--broker must be HOST:PORT, got {text!r}")
+        raise UsageError(f"{option} must be HOST:PORT, got {text!r}")
     return host, int(port_text)
 
 
