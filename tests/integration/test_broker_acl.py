@@ -221,11 +221,35 @@ def fleet(pki: Pki) -> Iterator[tuple[TlsBroker, dict[str, Observer], dict[str, 
         clients["server"].subscribe(*(topics.device_filter(k) for k in topics.KINDS), "#")
         clients["A"].subscribe("#")
         clients["B"].subscribe(topics.data("dev-B"), topics.NOTIFY)
+        _settle(clients)
         try:
             yield broker, clients, bundles
         finally:
             for c in clients.values():
                 c.close()
+
+
+def _settle(clients: dict[str, Observer]) -> None:
+    """Wait until every subscription is in place: SUBSCRIBE is not acknowledged to the
+    caller, so an allowed message on each path is repeated until it arrives."""
+    paths = (
+        (clients["A"], topics.telemetry("dev-A"), clients["server"]),
+        (clients["server"], topics.data("dev-A"), clients["A"]),
+        (clients["server"], topics.data("dev-B"), clients["B"]),
+    )
+    for n, (sender, topic, receiver) in enumerate(paths):
+        payload = f"settle-{n}".encode()
+
+        def arrived(
+            sender: Observer = sender,
+            topic: str = topic,
+            payload: bytes = payload,
+            receiver: Observer = receiver,
+        ) -> bool:
+            sender.publish(topic, payload)
+            return wait_for(lambda: receiver.has(topic, payload), 0.5)
+
+        assert wait_for(arrived, WAIT_S, interval_s=0.0), f"{topic}: subscription not ready"
 
 
 def test_device_acl_on_a_real_broker(
