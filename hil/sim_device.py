@@ -23,7 +23,6 @@ from __future__ import annotations
 import logging
 import random
 import threading
-import time
 from collections import Counter
 from dataclasses import dataclass
 from enum import StrEnum
@@ -31,7 +30,7 @@ from pathlib import Path
 
 from edge_agent import __version__ as EDGE_VERSION
 from edge_agent.protocol import topics
-from edge_agent.protocol.events import EventKind, UpdateEvent, encode_event
+from edge_agent.protocol.events import EventKind, encode_event
 from edge_agent.protocol.notify import NotifyError, decode_notify
 from edge_agent.protocol.telemetry import (
     LATENCY_EDGES_MS,
@@ -44,6 +43,7 @@ from edge_agent.telemetry.presence import StatePublisher, will_of
 from edge_agent.transport import Delivery, Handler, MqttTransport
 from edge_agent.update.download import BundleDownloader
 from edge_agent.update.errors import Reason, TransferError, TrustError, UpdateError
+from edge_agent.update.manager import update_event
 from edge_agent.update.mqtt_fetcher import MqttFetcher
 from edge_agent.update.state import StateFile
 from edge_agent.update.trust import DeviceFacts, Release, TrustClient
@@ -378,15 +378,15 @@ class SimDevice:
         detail: str | None = None,
         figures: dict[str, float] | None = None,
     ) -> None:
-        event = UpdateEvent(
-            event=kind,
-            ts=time.time(),
-            target=release.path if release is not None else target,
-            sha256=release.sha256 if release is not None else sha256,
+        event = update_event(
+            kind,
+            release,
+            target=target,
+            sha256=sha256,
             percent=percent,
             reason=reason,
             detail=detail,
-            figures=figures or {},
+            figures=figures,
         )
         self._counters.add(f"event.{kind.value}")
         if not self.transport.publish(topics.events(self.device_id), encode_event(event), qos=1):

@@ -352,15 +352,15 @@ class UpdateManager:
         detail: str | None = None,
         figures: dict[str, float] | None = None,
     ) -> None:
-        event = UpdateEvent(
-            event=kind,
-            ts=time.time(),
-            target=release.path if release is not None else target,
-            sha256=release.sha256 if release is not None else sha256,
+        event = update_event(
+            kind,
+            release,
+            target=target,
+            sha256=sha256,
             percent=percent,
             reason=reason,
             detail=detail,
-            figures=figures or {},
+            figures=figures,
         )
         self.events.append(event)
         del self.events[:-256]
@@ -382,6 +382,30 @@ class UpdateManager:
             },
         )
         self._transport.publish(topics.events(self.device_id), encode_event(event), qos=1)
+
+
+def update_event(
+    kind: EventKind,
+    release: Release | None = None,
+    *,
+    target: str | None = None,
+    sha256: str | None = None,
+    percent: int | None = None,
+    reason: str | None = None,
+    detail: str | None = None,
+    figures: dict[str, float] | None = None,
+) -> UpdateEvent:
+    """The event of ``kind``, now; a ``release`` names the target and hash."""
+    return UpdateEvent(
+        event=kind,
+        ts=time.time(),
+        target=release.path if release is not None else target,
+        sha256=release.sha256 if release is not None else sha256,
+        percent=percent,
+        reason=reason,
+        detail=detail,
+        figures=figures or {},
+    )
 
 
 def gate_figures(report: GateReport | None, golden_error: float) -> dict[str, float]:
