@@ -34,7 +34,8 @@ from edge_agent.protocol.manifest import Decision
 from edge_agent.runtimes import RuntimeOptions
 from edge_agent.sinks.evidence import EvidenceStore
 from edge_agent.sinks.evidence_writer import EvidenceWriter
-from edge_agent.sinks.results_db import ResultRecord, ResultsDB
+from edge_agent.sinks.result_store import GuardedResults
+from edge_agent.sinks.results_db import ResultRecord, ResultsDB, ResultsDBError
 from edge_agent.sources.base import FrameSource
 from edge_agent.summary import LineSummary
 from edge_agent.systemd import ServiceNotifier
@@ -343,11 +344,15 @@ class Agent:
         pending: dict[int, Inspection] = {}
         next_retention = time.monotonic() + RETENTION_INTERVAL_S
 
+        results = GuardedResults(db, clock=time.monotonic)
+
         def acknowledge(committed: list[ResultRecord]) -> None:
             for record in committed:
                 done = pending.pop(record.frame_id, None)
                 if done is not None:
                     source.ack(done.frame, done.verdict.outcome.value)
+            for record in results.take_given_up():
+                pending.pop(record.frame_id, None)  # never acknowledged: not stored
 
         try:
             for item in pipeline.run_with_heartbeat(source, heartbeat_s=0.25):
@@ -356,7 +361,7 @@ class Agent:
                         outputs.offer_inspection(item)  # first: the reject has a deadline
                     pending[item.frame.frame_id] = item
                     path = evidence.submit(item.frame, item.verdict.outcome.value)
-                    acknowledge(db.add(_record(item, path)))
+                    acknowledge(results.add(_record(item, path)))
                     summary.add(item)
                     telemetry.add(item, pipeline.counters.dropped, time.time())
                     if updates is not None:
@@ -366,13 +371,13 @@ class Agent:
                         retired, inspector = inspector, item.inspector
                         retired.close()
                 else:
-                    acknowledge(db.flush())
+                    acknowledge(results.flush())
                     telemetry.tick(pipeline.counters.dropped, time.time())
                 now = time.monotonic()
                 systemd.beat(now, pipeline.counters)  # READY=1 first, then the watchdog
                 if summary.due(now):
                     summary.log(now, pipeline, source, evidence)
-                if now >= next_retention:
+                if now >= next_retention and not results.failing:
                     next_retention = now + RETENTION_INTERVAL_S
                     db.enforce_retention(time.time())
         finally:
@@ -384,7 +389,7 @@ class Agent:
             telemetry.stop(time.time())
             if transport is not None:
                 transport.stop()
-            acknowledge(db.flush())
+            acknowledge(_final_flush(db))
             summary.log(time.monotonic(), pipeline, source, evidence)
             evidence.close()
             db.close()
@@ -394,6 +399,19 @@ class Agent:
                 pipeline.inspector.close()
             log.info("agent stopped", extra={"event": "stopped", "inspected": summary.total})
         return 0
+
+
+def _final_flush(db: ResultsDB) -> list[ResultRecord]:
+    """The last commit at stop; a failure is logged (the results in memory are lost, their
+    hot-folder files stay unacknowledged in the inbox), never raised past the cleanup."""
+    try:
+        return db.flush()
+    except ResultsDBError as e:
+        log.error(
+            "results.db cannot commit at stop; unstored results are lost",
+            extra={"event": "results_lost", "lost": db.buffered, "reason": str(e)},
+        )
+        return []
 
 
 def _record(item: Inspection, evidence: str | None) -> ResultRecord:

@@ -223,6 +223,28 @@ class ResultsDB:
             return self.flush()
         return []
 
+    def buffer(self, record: ResultRecord) -> None:
+        """Buffer ``record`` without trying to commit (while commits fail, the caller
+        retries ``flush`` at its own pace).
+
+        Raises:
+            RuntimeError: the database is closed.
+        """
+        self._conn()
+        if not self._buffer:
+            self._oldest = self._clock()
+        self._buffer.append(record)
+
+    @property
+    def buffered(self) -> int:
+        """Records waiting for a commit."""
+        return len(self._buffer)
+
+    def drop_oldest(self, count: int) -> list[ResultRecord]:
+        """Remove and return the ``count`` oldest buffered records (never committed)."""
+        dropped, self._buffer = self._buffer[:count], self._buffer[count:]
+        return dropped
+
     def flush(self) -> list[ResultRecord]:
         """Commit every buffered record in one transaction; return them in order, stored
         ones with ``id`` set, skipped duplicates with ``id=None``.
