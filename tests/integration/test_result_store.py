@@ -32,24 +32,32 @@ def test_a_full_disk_never_stops_the_line_and_nothing_is_lost_once_space_is_back
     clock = FakeClock()
     with small_tmpfs(tmp_path / "state", "1m") as state:
         db = ResultsDB(state / "results.db", batch_rows=8, clock=clock)
-        results = GuardedResults(db, clock=clock, retry_s=1.0, max_unstored=10_000)
-        committed = [r for i in range(16) for r in results.add(rec(i))]
-        assert len(committed) == 16
-        filler = _fill(state)
-        with caplog.at_level(logging.ERROR, logger="edge_agent.results"):
-            for i in range(16, 400):
-                committed += results.add(rec(i))
-                clock.now += 0.01
-        assert results.failing
-        assert len(committed) == 16
-        assert [r.event for r in caplog.records].count("results_db_failed") == 1  # type: ignore[attr-defined]
-        filler.unlink()
-        clock.now += 2.0
-        committed += results.flush()
-        assert not results.failing
-        assert [r.frame_id for r in committed] == list(range(400))
-        assert results.lost == 0 and results.take_given_up() == []
-        db.close()
+        try:
+            _fill_and_recover(db, state, clock, caplog)
+        finally:
+            db.close()
+
+
+def _fill_and_recover(
+    db: ResultsDB, state: Path, clock: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    results = GuardedResults(db, clock=clock, retry_s=1.0, max_unstored=10_000)
+    committed = [r for i in range(16) for r in results.add(rec(i))]
+    assert len(committed) == 16
+    filler = _fill(state)
+    with caplog.at_level(logging.ERROR, logger="edge_agent.results"):
+        for i in range(16, 400):
+            committed += results.add(rec(i))
+            clock.now += 0.01
+    assert results.failing
+    assert len(committed) == 16
+    assert [r.event for r in caplog.records].count("results_db_failed") == 1  # type: ignore[attr-defined]
+    filler.unlink()
+    clock.now += 2.0
+    committed += results.flush()
+    assert not results.failing
+    assert [r.frame_id for r in committed] == list(range(400))
+    assert results.lost == 0 and results.take_given_up() == []
 
 
 def test_the_oldest_results_are_given_up_beyond_the_bound(tmp_path: Path) -> None:
