@@ -89,7 +89,10 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="fleet-server",
         description="Fleet server: signs model releases and device assignments into a TUF "
-        "repository (REPO/metadata, REPO/targets) and serves it to devices over MQTT.",
+        "repository (REPO/metadata, REPO/targets) and serves it to devices over MQTT; with "
+        "a database it also stores telemetry, raises drift alerts, runs staged rollouts and "
+        "serves the REST API and the operator console. 'fleet-server demo' runs it all on "
+        "this machine with three agents.",
         epilog="First use: 'fleet-server keys init --keys KEYS --repo REPO', then copy "
         "REPO/metadata/1.root.json onto every device at provisioning.",
     )
