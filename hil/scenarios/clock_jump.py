@@ -15,22 +15,29 @@ floor)``, and the floor only rises). Through ``hil/powercut.py``'s plant (real M
   expired metadata) and means such a device takes no update until its clock passes
   the floor; the notes say so.
 
-Not injected: a jump of the agent's own wall clock while it runs (window closing by
-``window_s``, results retention by age, frame timestamps). That needs libfaketime
-(``LD_PRELOAD`` with ``FAKETIME_DONT_FAKE_MONOTONIC=1``); its presence is reported in the
-figures, the jump itself is not implemented.
+Then the agent's own wall clock, while it runs: a separate agent process (no fleet) is
+started under libfaketime (``LD_PRELOAD``, the offset read from a file, the monotonic
+clock left alone, as an NTP step leaves it). The offset goes from 0 to +1 hour (a jump
+forward), then back to 0 (a jump backward). The agent must keep inspecting through both
+(rows are added in every phase), stamp its results with the clock it sees (the rows of
+the forward phase are an hour ahead), and stop cleanly. Without libfaketime (Debian
+``faketime``) the scenario fails and says so.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import sqlite3
 import time
 from pathlib import Path
 
 from edge_agent.protocol.events import EventKind
 from edge_agent.update.state import StateFile
 from hil import powercut
+from hil.scenarios.device import Limits, LocalAgent, agent_toml, synthetic_source, wait_until
 from hil.scenarios.result import Options, Result
+from tests.integration.agent_proc import inspected
 
 LIBFAKETIME = (
     "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1",
@@ -84,11 +91,10 @@ def run(options: Options) -> Result:
     result = Result("clock-jump")
     library = find_libfaketime()
     result.figures["libfaketime"] = None if library is None else str(library)
-    result.notes.append(
-        "the agent's running wall clock was not jumped ("
-        + ("libfaketime is not installed" if library is None else "not implemented")
-        + "); the trusted time floor a jump leaves behind was"
-    )
+    if library is None:
+        result.check(False, "libfaketime is not installed (apt-get install faketime)")
+    else:
+        jump_running_clock(options, result, library)
     plant = powercut.Plant(options.work)
     try:
         small = time.time() + 3600
@@ -128,3 +134,66 @@ def run(options: Options) -> Result:
     # The log file is complete once the agent has stopped.
     result.figures["large_jump_detail"] = last_refusal_detail(plant.agent.log)
     return result
+
+
+JUMP_S = 3600
+
+
+def jump_running_clock(options: Options, result: Result, library: Path) -> None:
+    """Jump a running agent's wall clock forward by an hour, then back (module doc)."""
+    work = options.work / "running-clock"
+    state_dir = work / "state"
+    state_dir.mkdir(parents=True)
+    config = work / "agent.toml"
+    config.write_text(
+        agent_toml(state_dir, profile=options.profile, source=synthetic_source(30.0)),
+        encoding="utf-8",
+    )
+    offset = work / "offset"
+    offset.write_text("+0\n", encoding="utf-8")
+    env = {
+        **os.environ,
+        "LD_PRELOAD": str(library),
+        "FAKETIME_TIMESTAMP_FILE": str(offset),
+        "FAKETIME_CACHE_DURATION": "1",  # re-read the offset every second
+        "FAKETIME_DONT_FAKE_MONOTONIC": "1",  # an NTP step moves only the wall clock
+    }
+    agent = LocalAgent(
+        config, work / "agent.log", Limits.of_profile(options.profile, options.cpus), env=env
+    )
+    phase_s = 3.0 if options.quick else 30.0
+    rows: dict[str, int] = {}
+    agent.start()
+    try:
+        started = wait_until(lambda: inspected(state_dir) > 0, 60.0)
+        result.check(started, "the agent under libfaketime inspected nothing")
+        for phase, text in (("before", "+0"), ("forward", f"+{JUMP_S}"), ("back", "+0")):
+            offset.write_text(text + "\n", encoding="utf-8")
+            options.say(result.name, f"running clock {text} s for {phase_s:g} s")
+            before = inspected(state_dir)
+            time.sleep(phase_s + 1.5)  # + the offset's cache time
+            rows[phase] = inspected(state_dir) - before
+            result.check(rows[phase] > 0, f"no rows were added in the {phase} phase")
+        alive = agent.running
+    finally:
+        code = agent.stop()
+    ahead = _max_ahead_s(state_dir / "results.db")
+    result.figures.update(
+        running_clock_rows=rows,
+        running_clock_max_ahead_s=None if ahead is None else round(ahead),
+        running_clock_alive=alive,
+        running_clock_exit=code,
+    )
+    result.check(alive, "the agent stopped while its clock jumped")
+    result.check(code == 0, f"the agent exited with {code} after the clock jumps")
+    result.check(
+        ahead is not None and ahead > JUMP_S / 2,
+        "no result carries the forward-jumped time: the jump was not injected",
+    )
+
+
+def _max_ahead_s(db: Path) -> float | None:
+    """How far the latest result time lies ahead of the real clock now."""
+    with sqlite3.connect(db) as conn:
+        latest = conn.execute("SELECT max(ts) FROM results").fetchone()[0]
+    return None if latest is None else float(latest) - time.time()

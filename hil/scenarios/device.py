@@ -113,11 +113,19 @@ class LocalAgent:
     """``python -m edge_agent.cli run`` under ``limits``; ``events`` collects its JSON log
     lines (the raw log is also written to ``log``)."""
 
-    def __init__(self, config: Path, log: Path, limits: Limits, netns: str | None = None):
+    def __init__(
+        self,
+        config: Path,
+        log: Path,
+        limits: Limits,
+        netns: str | None = None,
+        env: dict[str, str] | None = None,
+    ):
         self.config = config
         self.log = log
         self.limits = limits
         self.netns = netns
+        self.env = env  # None: this process's environment
         self.proc: subprocess.Popen[str] | None = None
         self._lock = threading.Lock()
         self._events: list[dict[str, object]] = []
@@ -142,6 +150,7 @@ class LocalAgent:
             stderr=subprocess.PIPE,
             text=True,
             start_new_session=True,
+            env=self.env,
         )
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
