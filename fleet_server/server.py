@@ -15,7 +15,7 @@ import threading
 from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime
 
 import uvicorn
 from fastapi import FastAPI
@@ -28,7 +28,7 @@ from fleet_server.auth import Auth
 from fleet_server.ingest_service import IngestOptions, start_ingest
 from fleet_server.repository import FleetRepository
 from fleet_server.rollouts import Registry, RolloutService
-from fleet_server.serve import FleetPublisher
+from fleet_server.serve import FleetPublisher, utc_now
 from fleet_server.storage import open_database
 from fleet_server.storage.fleet_views import FleetViews
 from fleet_server.workers.chunk_server import ChunkServer
@@ -37,10 +37,6 @@ from fleet_server.workers.update_events import UpdateEventIngest
 
 _CONNECT_WAIT_S = 5.0
 _HTTP_START_S = 10.0
-
-
-def utc_now() -> datetime:
-    return datetime.now(timezone.utc)
 
 
 @dataclass(frozen=True, slots=True)

@@ -26,6 +26,7 @@ from playwright.sync_api import Page, sync_playwright  # noqa: E402
 from fleet_server.app import create_app  # noqa: E402
 from fleet_server.domain.rollout import GateLimits, RolloutTarget, WaveSpec  # noqa: E402
 from tests.fleet_seed import (  # noqa: E402
+    CHROMIUM_ARGS,
     DRIFTING,
     PASSWORDS,
     fleet_context,
@@ -34,15 +35,6 @@ from tests.fleet_seed import (  # noqa: E402
 )
 
 SIZES = {"laptop": (1366, 900), "tablet": (820, 1180)}
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -84,6 +84,16 @@ DEVICE_PROFILES = ("rpi4", "rpi5", "x86-generic", "jetson-orin-nano")
 DRIFTING = "cam-003"
 DRIFT_FACTOR = 0.8  # brightness at the end of the drifting device's history
 UPGRADED = ("cam-001", "cam-002")
+# Debian chromium, headless as root, without the background traffic a closed network refuses.
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 PASSWORDS = {"admin": "admin-password", "operator": "operator-password", "viewer": "viewer-pass"}
 SEED_NOW = datetime(2026, 6, 1, 12, 0, tzinfo=timezone.utc)
 _DARKENED = ("brightness", "contrast", "r_mean", "g_mean", "b_mean")

@@ -32,17 +32,15 @@ from fleet_server.domain.rollout import GateLimits, RolloutTarget, WaveSpec
 from fleet_server.storage.audit import AuditLog
 from fleet_server.storage.database import Transaction, session_factory
 from fleet_server.storage.schema import RolloutRow
-from tests.fleet_seed import PASSWORDS, SeededFleet, fleet_context, seed_fleet, serve_http
+from tests.fleet_seed import (
+    CHROMIUM_ARGS,
+    PASSWORDS,
+    SeededFleet,
+    fleet_context,
+    seed_fleet,
+    serve_http,
+)
 
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 LAPTOP: ViewportSize = {"width": 1366, "height": 900}
 TABLET: ViewportSize = {"width": 820, "height": 1180}
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
